@@ -1,0 +1,364 @@
+"""PoolFormer (MetaFormer baseline, Yu et al., CVPR 2022) for dense prediction.
+
+Layout of the network (``C_i`` = ``embed_dims[i]``, input ``B x 3 x H x W``)::
+
+    stem            conv k7 s4 p2           -> B x C_0 x H/4  x W/4
+    stages[0]       blocks                  -> B x C_0 x H/4  x W/4   (stride 4)
+    stages[1]       conv k3 s2 p1, blocks   -> B x C_1 x H/8  x W/8   (stride 8)
+    stages[2]       conv k3 s2 p1, blocks   -> B x C_2 x H/16 x W/16  (stride 16)
+    stages[3]       conv k3 s2 p1, blocks   -> B x C_3 x H/32 x W/32  (stride 32)
+    norm{i}         GroupNorm(1, C_i) on each stage i in ``out_indices``
+
+Sizes round as convolutions do (``ceil`` for the stride-2 layers), so any
+input of at least ``stem_patch_size - 2 * stem_padding`` pixels (3 by
+default) per side works; it need not be a multiple of 32.
+
+A block is ``x + ls1 * (pool(n1(x)) - n1(x))`` then ``x + ls2 * mlp(n2(x))``,
+with ``pool`` a 3x3 average that excludes padding, ``n1``/``n2``
+GroupNorm(1, C), ``mlp`` two 1x1 convolutions with GELU, and ``ls1``/``ls2``
+per-channel layer scales.
+
+Weights of every published layout (sail-sg, mmpretrain/mmseg, timm, HF
+transformers) load through ``init_cfg=dict(type='Pretrained', checkpoint=...)``;
+see :mod:`poolformer_seg.utils.checkpoint` for the key mapping.
+"""
+import copy
+from typing import Dict, List, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmcv.cnn import build_norm_layer
+from mmcv.cnn.bricks import DropPath
+from mmengine.model import BaseModule
+from mmseg.registry import MODELS
+
+# Published variants. `layer_scale_init_value` is 1e-6 for the deeper ones.
+ARCH_SETTINGS: Dict[str, dict] = {
+    's12': dict(layers=[2, 2, 6, 2], embed_dims=[64, 128, 320, 512],
+                layer_scale_init_value=1e-5),
+    's24': dict(layers=[4, 4, 12, 4], embed_dims=[64, 128, 320, 512],
+                layer_scale_init_value=1e-5),
+    's36': dict(layers=[6, 6, 18, 6], embed_dims=[64, 128, 320, 512],
+                layer_scale_init_value=1e-6),
+    'm36': dict(layers=[6, 6, 18, 6], embed_dims=[96, 192, 384, 768],
+                layer_scale_init_value=1e-6),
+    'm48': dict(layers=[8, 8, 24, 8], embed_dims=[96, 192, 384, 768],
+                layer_scale_init_value=1e-6),
+}
+
+# Values used when a custom arch dict leaves a key out.
+ARCH_DEFAULTS = dict(
+    mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-5, pool_size=3,
+    stem_patch_size=7, stem_stride=4, stem_padding=2,
+    down_patch_size=3, down_stride=2, down_padding=1)
+ARCH_REQUIRED = ('layers', 'embed_dims')
+NUM_STAGES = 4
+
+
+def resolve_arch(arch: Union[str, dict]) -> dict:
+    """Return the full arch dict for a variant name or a custom dict.
+
+    Raises ``ValueError``/``TypeError`` naming the offending key or value.
+    """
+    if isinstance(arch, str):
+        if arch.lower() not in ARCH_SETTINGS:
+            raise ValueError(f'arch={arch!r} is not a PoolFormer variant; '
+                             f'choose one of {sorted(ARCH_SETTINGS)} or pass '
+                             'a dict')
+        arch = ARCH_SETTINGS[arch.lower()]
+    if not isinstance(arch, dict):
+        raise TypeError(f'arch must be a str or dict, got {type(arch)}')
+    missing = [key for key in ARCH_REQUIRED if key not in arch]
+    unknown = sorted(set(arch) - set(ARCH_REQUIRED) - set(ARCH_DEFAULTS))
+    if missing:
+        raise ValueError(f'custom arch is missing {missing}; it needs '
+                         f'{list(ARCH_REQUIRED)}')
+    if unknown:
+        raise ValueError(f'custom arch has unknown keys {unknown}; allowed: '
+                         f'{list(ARCH_REQUIRED) + sorted(ARCH_DEFAULTS)}')
+    full = {**copy.deepcopy(ARCH_DEFAULTS), **copy.deepcopy(arch)}
+    for key in ('layers', 'embed_dims', 'mlp_ratios'):
+        value = full[key]
+        if (not isinstance(value, (list, tuple)) or len(value) != NUM_STAGES
+                or not all(v > 0 for v in value)):
+            raise ValueError(f'arch[{key!r}] must list {NUM_STAGES} positive '
+                             f'numbers (one per stage), got {value!r}')
+    if full['pool_size'] % 2 != 1:
+        raise ValueError('arch["pool_size"] must be odd so that pooling keeps '
+                         f'the size, got {full["pool_size"]}')
+    return full
+
+
+class PatchEmbed(nn.Module):
+    """Strided convolution: ``B x C_in x H x W -> B x C_out x H' x W'``."""
+
+    def __init__(self, in_channels, out_channels, patch_size, stride,
+                 padding):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, patch_size, stride,
+                              padding)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class Pooling(nn.Module):
+    """Token mixer ``avg_pool(x) - x`` (padding excluded from the average).
+
+    The block adds the input back through its residual, so subtracting ``x``
+    here makes the mixer a pure neighbourhood difference, as in the paper.
+    """
+
+    def __init__(self, pool_size=3):
+        super().__init__()
+        self.pool_size = pool_size
+
+    def forward(self, x):
+        pooled = F.avg_pool2d(x, self.pool_size, 1, self.pool_size // 2,
+                              count_include_pad=False)
+        return pooled - x
+
+
+class Mlp(nn.Module):
+    """1x1 conv (C -> hidden), GELU, dropout-free 1x1 conv (hidden -> C)."""
+
+    def __init__(self, channels, hidden_channels):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, hidden_channels, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden_channels, channels, 1)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PoolFormerBlock(nn.Module):
+    """One MetaFormer block with pooling as token mixer; shape-preserving."""
+
+    def __init__(self, channels, mlp_ratio, pool_size, norm_cfg,
+                 layer_scale_init_value, drop_path):
+        super().__init__()
+        self.norm1 = build_norm_layer(norm_cfg, channels)[1]
+        self.token_mixer = Pooling(pool_size)
+        self.norm2 = build_norm_layer(norm_cfg, channels)[1]
+        self.mlp = Mlp(channels, int(channels * mlp_ratio))
+        self.layer_scale1 = nn.Parameter(
+            torch.full((channels, ), float(layer_scale_init_value)))
+        self.layer_scale2 = nn.Parameter(
+            torch.full((channels, ), float(layer_scale_init_value)))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else \
+            nn.Identity()
+
+    def forward(self, x):
+        scale1 = self.layer_scale1.view(-1, 1, 1)
+        scale2 = self.layer_scale2.view(-1, 1, 1)
+        x = x + self.drop_path(scale1 * self.token_mixer(self.norm1(x)))
+        return x + self.drop_path(scale2 * self.mlp(self.norm2(x)))
+
+
+class PoolFormerStage(nn.Module):
+    """Optional downsampling conv followed by a sequence of blocks."""
+
+    def __init__(self, downsample: nn.Module, blocks: List[nn.Module]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x, with_cp=False):
+        x = self.downsample(x)
+        for block in self.blocks:
+            if with_cp and x.requires_grad:
+                x = cp.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+@MODELS.register_module()
+class PoolFormer(BaseModule):
+    """PoolFormer backbone returning multi-scale features.
+
+    Args:
+        arch (str | dict): ``'s12'``, ``'s24'``, ``'s36'``, ``'m36'``,
+            ``'m48'`` or a custom dict. A dict needs ``layers`` (blocks per
+            stage) and ``embed_dims`` (channels per stage), each a list of 4;
+            optional keys and defaults: ``mlp_ratios=[4, 4, 4, 4]``,
+            ``layer_scale_init_value=1e-5``, ``pool_size=3``,
+            ``stem_patch_size=7``, ``stem_stride=4``, ``stem_padding=2``,
+            ``down_patch_size=3``, ``down_stride=2``, ``down_padding=1``.
+            Unknown keys are rejected.
+        in_channels (int): channels of the input image. Default 3.
+        out_indices (Sequence[int]): which of the four stages to return,
+            counted 0..3 (strides 4, 8, 16, 32); negatives count from the
+            end (-1 is stage 3). Each returned stage gets its own
+            GroupNorm(1, C) output norm ``norm{i}``. Default ``(0, 1, 2, 3)``.
+        frozen_stages (int): ResNet convention. -1 freezes nothing; 0
+            freezes the stem; ``k >= 1`` freezes the stem and stages
+            ``0..k-1`` (their downsampling convs, blocks and output norms):
+            no gradients, and kept in eval mode. Default -1.
+        norm_eval (bool): keep every norm layer in eval mode during
+            training (matters for norms with running statistics, e.g. a
+            BN ``norm_cfg``). Default False.
+        norm_cfg (dict): norm inside the blocks and on the outputs. Default
+            ``dict(type='GN', num_groups=1)``, the published models.
+        drop_path_rate (float): stochastic depth, rising linearly from 0 at
+            the first block to this value at the last. Default 0.
+        with_cp (bool): gradient checkpointing per block: saves activation
+            memory at the cost of a second forward. Default False.
+        init_cfg (dict | list[dict], optional): ``dict(type='Pretrained',
+            checkpoint=PATH_OR_URL)`` loads weights of any published layout
+            (converted on the fly; missing and unexpected keys reported).
+            Default: truncated-normal (std .02) convs, unit norms.
+
+    Input: ``B x in_channels x H x W`` float tensor.
+    Output: tuple with one ``B x C_i x H_i x W_i`` tensor per stage in
+    ``out_indices``, in increasing stage order.
+    """
+
+    def __init__(self,
+                 arch: Union[str, dict] = 's12',
+                 in_channels: int = 3,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 norm_cfg: dict = dict(type='GN', num_groups=1),
+                 drop_path_rate: float = 0.,
+                 with_cp: bool = False,
+                 init_cfg=None):
+        if init_cfg is None:
+            init_cfg = [
+                dict(type='TruncNormal', layer='Conv2d', std=.02, bias=0.),
+                dict(type='Constant', layer=['GroupNorm', '_BatchNorm'],
+                     val=1., bias=0.)]
+        super().__init__(init_cfg=init_cfg)
+        self.arch = resolve_arch(arch)
+        self.out_indices = self._check_out_indices(out_indices)
+        if not isinstance(frozen_stages, int) or \
+                not -1 <= frozen_stages <= NUM_STAGES:
+            raise ValueError(f'frozen_stages must be an int in [-1, '
+                             f'{NUM_STAGES}], got {frozen_stages!r}')
+        if not 0. <= drop_path_rate < 1.:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got '
+                             f'{drop_path_rate}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+        self.in_channels = in_channels
+
+        a = self.arch
+        dims = a['embed_dims']
+        self.stem = PatchEmbed(in_channels, dims[0], a['stem_patch_size'],
+                               a['stem_stride'], a['stem_padding'])
+        rates = torch.linspace(0, drop_path_rate, sum(a['layers'])).tolist()
+        self.stages = nn.ModuleList()
+        for i, depth in enumerate(a['layers']):
+            downsample = nn.Identity() if i == 0 else PatchEmbed(
+                dims[i - 1], dims[i], a['down_patch_size'], a['down_stride'],
+                a['down_padding'])
+            first = sum(a['layers'][:i])
+            blocks = [
+                PoolFormerBlock(dims[i], a['mlp_ratios'][i], a['pool_size'],
+                                norm_cfg, a['layer_scale_init_value'],
+                                rates[first + j]) for j in range(depth)]
+            self.stages.append(PoolFormerStage(downsample, blocks))
+        for i in self.out_indices:
+            self.add_module(f'norm{i}', build_norm_layer(norm_cfg, dims[i])[1])
+        self.out_channels = [dims[i] for i in self.out_indices]
+        self._freeze_stages()
+
+    @staticmethod
+    def _check_out_indices(out_indices) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = (out_indices, )
+        if not isinstance(out_indices, Sequence) or not out_indices:
+            raise ValueError('out_indices must be a non-empty sequence of '
+                             f'stage indices, got {out_indices!r}')
+        resolved = []
+        for index in out_indices:
+            if not isinstance(index, int) or \
+                    not -NUM_STAGES <= index < NUM_STAGES:
+                raise ValueError(
+                    f'out_indices entry {index!r} is out of range: stages '
+                    f'are counted 0..{NUM_STAGES - 1} (or -{NUM_STAGES}..-1)')
+            resolved.append(index % NUM_STAGES)
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f'out_indices {tuple(out_indices)} names a stage '
+                             'twice')
+        return tuple(sorted(resolved))
+
+    @property
+    def min_input_size(self) -> int:
+        """Smallest height/width the stem accepts."""
+        return max(1, self.arch['stem_patch_size'] -
+                   2 * self.arch['stem_padding'])
+
+    def _check_input(self, x):
+        if not torch.is_tensor(x) or x.dim() != 4:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x)
+            raise ValueError('PoolFormer expects a B x C x H x W tensor, got '
+                             f'{shape}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'PoolFormer was built with in_channels='
+                             f'{self.in_channels} but the input has '
+                             f'{x.shape[1]} channels')
+        if not x.is_floating_point():
+            raise TypeError(f'PoolFormer expects a float tensor, got '
+                            f'{x.dtype}; normalise the image first')
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(f'input {tuple(x.shape[-2:])} is smaller than '
+                             f'the minimum {self.min_input_size} px per side '
+                             'of the stem convolution')
+
+    def stage_features(self, x) -> List[torch.Tensor]:
+        """Raw outputs (before ``norm{i}``) of the stages in out_indices."""
+        self._check_input(x)
+        x = self.stem(x)
+        features = []
+        for i, stage in enumerate(self.stages[:self.out_indices[-1] + 1]):
+            x = stage(x, with_cp=self.with_cp and self.training)
+            if i in self.out_indices:
+                features.append(x)
+        return features
+
+    def forward(self, x) -> Tuple[torch.Tensor, ...]:
+        features = self.stage_features(x)
+        return tuple(getattr(self, f'norm{i}')(feature)
+                     for i, feature in zip(self.out_indices, features))
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        modules = [self.stem]
+        for i in range(self.frozen_stages):
+            modules.append(self.stages[i])
+            if i in self.out_indices:
+                modules.append(getattr(self, f'norm{i}'))
+        return modules
+
+    def _freeze_stages(self):
+        for module in self._frozen_modules():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, (nn.GroupNorm, nn.LayerNorm,
+                                       nn.modules.batchnorm._BatchNorm)):
+                    module.eval()
+        return self
+
+    def init_weights(self):
+        if isinstance(self.init_cfg, dict) and \
+                self.init_cfg.get('type') == 'Pretrained':
+            from poolformer_seg.utils.checkpoint import load_pretrained
+            load_pretrained(self, self.init_cfg['checkpoint'],
+                            prefix=self.init_cfg.get('prefix'))
+            self._is_init = True
+            return
+        super().init_weights()
