@@ -28,6 +28,7 @@ EXTRAS_REQUIRE = {
         'pytest',
         'hypothesis',
         'transformers',        # reference PoolFormerModel
+        'mmpretrain==1.2.0',   # reference PoolFormer source (no torchvision needed to load the module)
         'onnx',
         'onnxruntime',
         'onnxscript',
