@@ -9,7 +9,7 @@ from . import compat
 
 compat.apply()
 
-from . import datasets, models  # noqa: E402,F401  (registers modules)
+from . import datasets, engine, models  # noqa: E402,F401  (registers modules)
 from .models import PoolFormer  # noqa: E402
 
 __version__ = '0.1.0'

@@ -3,15 +3,24 @@
 Every checkpoint that poolformer_seg reads (resume, ``load_from``, pretrained
 init, the tools) goes through :func:`load`, which calls ``torch.load`` with
 ``weights_only=True`` and an allowlist of only the types that MMEngine
-training checkpoints hold: ``HistoryBuffer`` and plain numpy arrays, dtypes
-and scalars. ``getattr`` is *not* on it: mmengine pickles ``HistoryBuffer``
-with a dict of its class functions, which is what needs ``getattr``; we stop
-pickling that dict (:func:`_history_buffer_state`) because ``__setstate__``
-rebuilds it anyway.
+training checkpoints hold (see :func:`allowed_globals`):
 
-Opting in to unsafe, arbitrary pickles is explicit: pass ``trust=True`` or set
-the environment variable ``POOLFORMER_SEG_TRUST_CHECKPOINTS=1``. Only do that
-for files that you made yourself; a pickle can run any code when loaded.
+* ``HistoryBuffer`` (the message hub's logged scalars), whose unpickling is
+  restricted to its three data attributes;
+* numpy arrays, dtypes and scalars, and ``_codecs.encode`` (numpy scalars
+  pickle their raw bytes through it);
+* a *restricted* stand-in for ``builtins.getattr`` that only returns the four
+  statistics functions of ``HistoryBuffer`` (``min``, ``max``, ``mean``,
+  ``current``). Stock mmengine pickles those functions as
+  ``getattr(HistoryBuffer, 'min')``; the real ``getattr`` would reach any
+  attribute of any allowed object and thereby arbitrary code. Checkpoints
+  written after ``import poolformer_seg`` do not contain it at all
+  (:func:`_history_buffer_getstate`), older ones still load.
+
+Anything else (``os.system``, ``eval``, arbitrary classes) is refused before
+it is called. Opting in to unsafe, arbitrary pickles is explicit: pass
+``trust=True`` or set ``POOLFORMER_SEG_TRUST_CHECKPOINTS=1``. Only do that for
+files that you made yourself: a pickle can run any code when it is loaded.
 """
 import os
 import os.path as osp
@@ -24,6 +33,14 @@ import torch
 
 TRUST_ENV = 'POOLFORMER_SEG_TRUST_CHECKPOINTS'
 
+# Substrings of torch's weights-only errors that mean "the pickle asks for
+# something outside the allowlist" (rather than "the file is damaged").
+_REFUSAL_MARKERS = ('GLOBAL', 'unrecognized function', 'Can only',
+                    'Unsupported operand', 'not allowed')
+# The only data a HistoryBuffer carries; everything else is rebuilt.
+_BUFFER_STATE = ('max_length', '_log_history', '_count_history')
+_BUFFER_STATISTICS = ('min', 'max', 'mean', 'current')
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file could not be read or does not fit the model."""
@@ -33,7 +50,36 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
     """The checkpoint needs a pickle global outside the allowlist."""
 
 
-def _numpy_globals():
+def _history_buffer_getattr(obj, name):
+    """``getattr`` limited to ``HistoryBuffer.{min,max,mean,current}``."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+    if obj is HistoryBuffer and name in _BUFFER_STATISTICS:
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'getattr({obj!r}, {name!r}) is not allowed: only '
+        f'HistoryBuffer.{{{",".join(_BUFFER_STATISTICS)}}} may be looked up')
+
+
+def _history_buffer_getstate(self) -> dict:
+    """Pickle only the data of a ``HistoryBuffer``, not its method table."""
+    return {key: self.__dict__[key] for key in _BUFFER_STATE}
+
+
+def _history_buffer_setstate(self, state: dict) -> None:
+    """Restore the data attributes only.
+
+    mmengine's version also merges a pickled ``statistics_methods`` table into
+    the *class*, which would let a file swap the functions that logging
+    calls later; the table is a constant, so it is rebuilt instead.
+    """
+    missing = [key for key in _BUFFER_STATE if key not in state]
+    if missing:
+        raise pickle.UnpicklingError(f'HistoryBuffer state lacks {missing}')
+    self._set_default_statistics()
+    self.__dict__.update({key: state[key] for key in _BUFFER_STATE})
+
+
+def _numpy_globals() -> list:
     dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes)
                      if name.endswith('DType')]
     return [np._core.multiarray._reconstruct, np._core.multiarray.scalar,
@@ -42,35 +88,32 @@ def _numpy_globals():
 
 def allowed_globals() -> list:
     """The pickle globals that :func:`load` accepts beyond torch's own."""
+    import _codecs
+
     from mmengine.logging.history_buffer import HistoryBuffer
-    import _codecs  # numpy scalars pickle their raw bytes via _codecs.encode
-    return [HistoryBuffer, _codecs.encode, *_numpy_globals()]
-
-
-def _history_buffer_state(self) -> dict:
-    """``HistoryBuffer.__getstate__`` without the unpicklable method table."""
-    state = dict(self.__dict__)
-    state.pop('statistics_methods', None)
-    return state
-
-
-def _patch_history_buffer() -> None:
-    from mmengine.logging.history_buffer import HistoryBuffer
-    HistoryBuffer.__getstate__ = _history_buffer_state
-    # mmengine's own __getstate__ also wrote the table into instances that
-    # exist already (e.g. a MessageHub created before this patch).
-    from mmengine.logging import MessageHub
-    for hub in MessageHub._instance_dict.values():
-        for buffer in hub.log_scalars.values():
-            buffer.__dict__.pop('statistics_methods', None)
+    return [HistoryBuffer, _codecs.encode, *_numpy_globals(),
+            (_history_buffer_getattr, 'builtins.getattr')]
 
 
 def trusted_by_env() -> bool:
+    """True when ``POOLFORMER_SEG_TRUST_CHECKPOINTS=1`` is set."""
     return os.environ.get(TRUST_ENV, '') == '1'
 
 
 def _describe(file) -> str:
-    return file if isinstance(file, (str, os.PathLike)) else repr(file)
+    return str(file) if isinstance(file, (str, os.PathLike)) else repr(file)
+
+
+def _torch_reason(err: BaseException) -> str:
+    """The informative part of torch's long weights-only error message."""
+    text = str(err)
+    if 'WeightsUnpickler error:' in text:
+        text = text.split('WeightsUnpickler error:', 1)[1]
+    boilerplate = ('Weights only load failed', 'Please file an issue',
+                   'Check the documentation', '(1)', '(2)')
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(boilerplate)]
+    return (specific or [repr(err)])[0]
 
 
 def load(file, map_location='cpu', trust: bool = False):
@@ -82,11 +125,14 @@ def load(file, map_location='cpu', trust: bool = False):
         trust (bool): load arbitrary pickles (UNSAFE: runs code from the
             file). Also enabled by ``POOLFORMER_SEG_TRUST_CHECKPOINTS=1``.
 
+    Returns:
+        Whatever the file holds (usually a dict).
+
     Raises:
         FileNotFoundError: the path does not exist.
-        UnsafeCheckpointError: the file needs a global outside the allowlist;
-            nothing from it was executed.
-        CheckpointError: the file is truncated or not a checkpoint.
+        UnsafeCheckpointError: the file needs a pickle global outside the
+            allowlist; nothing from it was executed.
+        CheckpointError: the file is truncated, damaged or not a checkpoint.
     """
     name = _describe(file)
     if isinstance(file, (str, os.PathLike)):
@@ -96,45 +142,91 @@ def load(file, map_location='cpu', trust: bool = False):
             from safetensors.torch import load_file
             device = 'cpu' if map_location is None else str(map_location)
             return load_file(str(file), device=device)
+        with open(file, 'rb') as f:
+            header = f.read(2)
+        # torch.save writes a zip archive ('PK'); before torch 1.6, a pickle
+        # (protocol >= 2 starts with 0x80).
+        if not header.startswith((b'PK', b'\x80')):
+            raise CheckpointError(
+                f'cannot read checkpoint {name}: it is empty or not a PyTorch '
+                f'checkpoint (neither a zip archive nor a pickle)')
     if trust or trusted_by_env():
         warnings.warn(f'loading {name} with weights_only=False: the file may '
-                      'run arbitrary code (trusted on request)')
+                      f'run arbitrary code (trusted on request via trust=True '
+                      f'or {TRUST_ENV}=1)')
         return torch.load(file, map_location=map_location, weights_only=False)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(file, map_location=map_location,
                               weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err) else repr(err)
-        raise UnsafeCheckpointError(
-            f'refused to load {name}: it needs pickle objects outside the '
-            f'allowlist of safe types ({reason}). Nothing from the file was '
-            f'executed. If you made this file yourself and trust it, set '
-            f'{TRUST_ENV}=1 (unsafe: a pickle can run any code).') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        reason = _torch_reason(err)
+        if any(marker in reason for marker in _REFUSAL_MARKERS):
+            raise UnsafeCheckpointError(
+                f'refused to load {name}: it needs pickle objects outside the '
+                f'allowlist of safe types ({reason}). Nothing from the file '
+                f'was executed. If you made this file yourself and trust it, '
+                f'set {TRUST_ENV}=1 (unsafe: a pickle can run any code).'
+            ) from None
+        raise CheckpointError(
+            f'cannot read checkpoint {name}: the file is truncated or damaged '
+            f'({reason}); re-download it or use an earlier checkpoint'
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError,
+            zipfile.BadZipFile) as err:
+        reason = str(err).split('. ')[0] or type(err).__name__
         raise CheckpointError(
             f'cannot read checkpoint {name}: the file is truncated or is not '
-            f'a PyTorch checkpoint ({err})') from None
+            f'a PyTorch checkpoint ({reason}); re-download it or use an '
+            f'earlier checkpoint') from None
 
 
-def _load_local(filename, map_location=None):
+# mmengine's CheckpointLoader logs ``loader.__name__[10:]`` as the backend
+# name, hence the ``load_from_`` prefix of the two loaders below.
+def load_from_safe_local(filename, map_location=None):
+    """mmengine loader for local paths, through :func:`load`."""
     return load(osp.expanduser(filename), map_location=map_location)
 
 
-def _load_http(filename, map_location=None):
+def load_from_safe_http(filename, map_location=None):
+    """mmengine loader for http(s) URLs: cached download, then :func:`load`."""
     cache_dir = osp.join(torch.hub.get_dir(), 'checkpoints')
     os.makedirs(cache_dir, exist_ok=True)
     cached = osp.join(cache_dir, osp.basename(filename.split('?')[0]))
     if not osp.isfile(cached):
+        # Downloads to a temporary file and renames it: never half a file.
         torch.hub.download_url_to_file(filename, cached)
     return load(cached, map_location=map_location)
 
 
+def load_from_unsupported(filename, map_location=None):
+    raise CheckpointError(
+        f'cannot load {filename}: poolformer_seg loads checkpoints only '
+        'through its safe loader, which reads local paths and http(s) URLs; '
+        'copy the file to a local path and pass that instead')
+
+
 def register_mmengine_loaders() -> None:
-    """Route mmengine's local and http checkpoint loading through :func:`load`."""
-    from mmengine.runner.checkpoint import CheckpointLoader
-    _patch_history_buffer()
-    CheckpointLoader.register_scheme(prefixes='', loader=_load_local,
-                                     force=True)
-    CheckpointLoader.register_scheme(prefixes=('http://', 'https://'),
-                                     loader=_load_http, force=True)
+    """Route mmengine's checkpoint loading through :func:`load`.
+
+    * ``''`` (local paths) and ``http(s)://`` schemes: our loaders.
+    * ``open-mmlab://``, ``mmcls://``, ``torchvision://`` resolve a name to a
+      URL and then call ``mmengine.runner.checkpoint.load_from_http``, which
+      is replaced by :func:`load_from_safe_http`.
+    * ``pavi://``, ``s3://``, ``petrel://`` call ``torch.load`` directly on
+      remote storage: refused with a message (copy the file locally).
+    * ``HistoryBuffer`` pickles without its method table.
+    """
+    import mmengine.runner.checkpoint as mm_checkpoint
+    from mmengine.logging.history_buffer import HistoryBuffer
+    HistoryBuffer.__getstate__ = _history_buffer_getstate
+    HistoryBuffer.__setstate__ = _history_buffer_setstate
+    loader = mm_checkpoint.CheckpointLoader
+    loader.register_scheme(prefixes='', loader=load_from_safe_local,
+                           force=True)
+    loader.register_scheme(prefixes=('http://', 'https://'),
+                           loader=load_from_safe_http, force=True)
+    loader.register_scheme(
+        prefixes=['pavi://', r'(\S+\:)?s3://', r'(\S+\:)?petrel://'],
+        loader=load_from_unsupported, force=True)
+    mm_checkpoint.load_from_http = load_from_safe_http

@@ -23,6 +23,7 @@ transformers) load through ``init_cfg=dict(type='Pretrained', checkpoint=...)``;
 see :mod:`poolformer_seg.utils.checkpoint` for the key mapping.
 """
 import copy
+import difflib
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
@@ -33,6 +34,9 @@ from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks import DropPath
 from mmengine.model import BaseModule
 from mmseg.registry import MODELS
+
+from ...utils.checkpoint import upstream_keys_pre_hook
+from .fast_ops import fused_mlp, group_norm1, pool_mix
 
 # Published variants. `layer_scale_init_value` is 1e-6 for the deeper ones.
 ARCH_SETTINGS: Dict[str, dict] = {
@@ -72,12 +76,16 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
         raise TypeError(f'arch must be a str or dict, got {type(arch)}')
     missing = [key for key in ARCH_REQUIRED if key not in arch]
     unknown = sorted(set(arch) - set(ARCH_REQUIRED) - set(ARCH_DEFAULTS))
+    if unknown:  # first: a typo also makes the intended key look missing
+        allowed = list(ARCH_REQUIRED) + sorted(ARCH_DEFAULTS)
+        close = [f'{match!r} for {key!r}' for key in unknown
+                 for match in difflib.get_close_matches(key, allowed, 1)]
+        hint = f' (did you mean {", ".join(close)}?)' if close else ''
+        raise ValueError(f'custom arch has unknown keys {unknown}{hint}; '
+                         f'allowed: {allowed}')
     if missing:
         raise ValueError(f'custom arch is missing {missing}; it needs '
                          f'{list(ARCH_REQUIRED)}')
-    if unknown:
-        raise ValueError(f'custom arch has unknown keys {unknown}; allowed: '
-                         f'{list(ARCH_REQUIRED) + sorted(ARCH_DEFAULTS)}')
     full = {**copy.deepcopy(ARCH_DEFAULTS), **copy.deepcopy(arch)}
     for key in ('layers', 'embed_dims', 'mlp_ratios'):
         value = full[key]
@@ -135,11 +143,17 @@ class Mlp(nn.Module):
 
 
 class PoolFormerBlock(nn.Module):
-    """One MetaFormer block with pooling as token mixer; shape-preserving."""
+    """One MetaFormer block with pooling as token mixer; shape-preserving.
+
+    With ``fused=True`` (GroupNorm(1) norms only) the same function is
+    computed by :mod:`.fast_ops`: a single pass for the token-mixer half and
+    the norm affines and layer scales folded into the 1x1 convolutions.
+    """
 
     def __init__(self, channels, mlp_ratio, pool_size, norm_cfg,
-                 layer_scale_init_value, drop_path):
+                 layer_scale_init_value, drop_path, fused=False):
         super().__init__()
+        self.fused = fused
         self.norm1 = build_norm_layer(norm_cfg, channels)[1]
         self.token_mixer = Pooling(pool_size)
         self.norm2 = build_norm_layer(norm_cfg, channels)[1]
@@ -152,10 +166,28 @@ class PoolFormerBlock(nn.Module):
             nn.Identity()
 
     def forward(self, x):
+        if self.fused:
+            return self._forward_fused(x)
         scale1 = self.layer_scale1.view(-1, 1, 1)
         scale2 = self.layer_scale2.view(-1, 1, 1)
         x = x + self.drop_path(scale1 * self.token_mixer(self.norm1(x)))
         return x + self.drop_path(scale2 * self.mlp(self.norm2(x)))
+
+    def _forward_fused(self, x):
+        norm1 = self.norm1
+        coef = (self.layer_scale1 * norm1.weight).expand(x.shape[0], -1)
+        if self.training and isinstance(self.drop_path, DropPath):
+            # DropPath scales the whole branch per sample: fold it into coef
+            # (drawn as DropPath draws it, so the random stream is the same)
+            keep = 1 - self.drop_path.drop_prob
+            draw = keep + torch.rand((x.shape[0], 1), dtype=coef.dtype,
+                                     device=x.device)
+            coef = coef * draw.floor() / keep
+        x = pool_mix(x, coef, norm1.bias, self.token_mixer.pool_size,
+                     norm1.eps)
+        return x + self.drop_path(
+            fused_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2,
+                      self.layer_scale2))
 
 
 class PoolFormerStage(nn.Module):
@@ -226,6 +258,8 @@ class PoolFormer(BaseModule):
                  norm_cfg: dict = dict(type='GN', num_groups=1),
                  drop_path_rate: float = 0.,
                  with_cp: bool = False,
+                 fused: bool = False,
+                 channels_last: bool = False,
                  init_cfg=None):
         if init_cfg is None:
             init_cfg = [
@@ -246,6 +280,8 @@ class PoolFormer(BaseModule):
         self.norm_eval = norm_eval
         self.with_cp = with_cp
         self.in_channels = in_channels
+        self.fused = fused
+        self.channels_last = channels_last
 
         a = self.arch
         dims = a['embed_dims']
@@ -261,12 +297,21 @@ class PoolFormer(BaseModule):
             blocks = [
                 PoolFormerBlock(dims[i], a['mlp_ratios'][i], a['pool_size'],
                                 norm_cfg, a['layer_scale_init_value'],
-                                rates[first + j]) for j in range(depth)]
+                                rates[first + j], fused)
+                for j in range(depth)]
             self.stages.append(PoolFormerStage(downsample, blocks))
         for i in self.out_indices:
             self.add_module(f'norm{i}', build_norm_layer(norm_cfg, dims[i])[1])
         self.out_channels = [dims[i] for i in self.out_indices]
+        if fused:
+            self._check_fusable()
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
         self._freeze_stages()
+        # Whole-segmentor checkpoints of mmseg/mmpretrain and sail-sg name
+        # our weights differently; convert them wherever load_state_dict runs
+        # (tools/test.py, load_from, resume, inference API).
+        self.register_load_state_dict_pre_hook(upstream_keys_pre_hook)
 
     @staticmethod
     def _check_out_indices(out_indices) -> Tuple[int, ...]:
@@ -287,6 +332,16 @@ class PoolFormer(BaseModule):
             raise ValueError(f'out_indices {tuple(out_indices)} names a stage '
                              'twice')
         return tuple(sorted(resolved))
+
+    def _check_fusable(self):
+        for name, module in self.named_modules():
+            if name.endswith(('norm1', 'norm2')) or name.startswith('norm'):
+                if not (isinstance(module, nn.GroupNorm)
+                        and module.num_groups == 1 and module.affine):
+                    raise ValueError(
+                        'fused=True needs GroupNorm(1) norms with affine '
+                        f'parameters (norm_cfg=dict(type="GN", num_groups=1)'
+                        f'), but {name} is {module}')
 
     @property
     def min_input_size(self) -> int:
@@ -314,6 +369,8 @@ class PoolFormer(BaseModule):
     def stage_features(self, x) -> List[torch.Tensor]:
         """Raw outputs (before ``norm{i}``) of the stages in out_indices."""
         self._check_input(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         features = []
         for i, stage in enumerate(self.stages[:self.out_indices[-1] + 1]):
@@ -324,8 +381,11 @@ class PoolFormer(BaseModule):
 
     def forward(self, x) -> Tuple[torch.Tensor, ...]:
         features = self.stage_features(x)
-        return tuple(getattr(self, f'norm{i}')(feature)
-                     for i, feature in zip(self.out_indices, features))
+        norms = [getattr(self, f'norm{i}') for i in self.out_indices]
+        if self.fused:
+            return tuple(group_norm1(f, n.weight, n.bias, n.eps)
+                         for n, f in zip(norms, features))
+        return tuple(n(f) for n, f in zip(norms, features))
 
     def _frozen_modules(self) -> List[nn.Module]:
         if self.frozen_stages < 0:

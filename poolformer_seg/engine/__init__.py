@@ -1,0 +1,17 @@
+"""Crash safety and exact resume for MMEngine training runs.
+
+See ``docs/reliability.md``. Importing this package registers the
+``'local_atomic'`` file backend and the hooks in mmseg's ``HOOKS``.
+"""
+from .atomic import (AtomicLocalBackend, atomic_write,
+                     find_resumable_checkpoint, is_complete_checkpoint)
+from .hooks import (FiniteLossHook, NonFiniteError, RNGStateHook,
+                    SafeCheckpointHook, capture_rng_state, restore_rng_state)
+from .launch import adapt_to_cpu_distributed
+from .optim_wrapper import AmpOnCudaOptimWrapper
+
+__all__ = ['AtomicLocalBackend', 'atomic_write', 'find_resumable_checkpoint',
+           'is_complete_checkpoint', 'FiniteLossHook', 'NonFiniteError',
+           'RNGStateHook', 'SafeCheckpointHook', 'capture_rng_state',
+           'restore_rng_state', 'adapt_to_cpu_distributed',
+           'AmpOnCudaOptimWrapper']

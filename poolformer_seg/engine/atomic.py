@@ -1,0 +1,137 @@
+"""Crash-safe checkpoint files.
+
+* :func:`atomic_write` writes a file so that readers see either the old or
+  the new content, never a mix: the bytes go to a temporary file in the same
+  directory, are flushed to disk, then ``os.replace`` renames it over the
+  target (atomic on POSIX and Windows), and the directory entry is synced.
+* :class:`AtomicLocalBackend` is mmengine's ``LocalBackend`` with atomic
+  ``put``/``put_text``. It is registered as the file backend
+  ``'local_atomic'``; :class:`~poolformer_seg.engine.hooks.SafeCheckpointHook`
+  saves local checkpoints through it (mmengine's ``save_checkpoint`` ends in
+  ``backend.put(bytes, path)``, which is the single place every checkpoint
+  write goes through).
+* :func:`find_resumable_checkpoint` picks what ``--resume`` should load: the
+  file named in ``work_dir/last_checkpoint`` if it is complete, else the
+  newest complete ``iter_*.pth``/``epoch_*.pth``.
+"""
+import glob
+import os
+import os.path as osp
+import re
+import zipfile
+from pathlib import Path
+from typing import Optional, Union
+
+from mmengine.fileio import LocalBackend, register_backend
+from mmengine.logging import print_log
+
+
+def _fsync_dir(directory: str) -> None:
+    # Makes the rename itself durable after a power loss (POSIX only).
+    if os.name != 'posix':
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> None:
+    """Write ``data`` to ``path`` so that a crash never leaves a partial file.
+
+    A process killed at any moment leaves ``path`` either untouched or
+    complete; at worst a stray ``<path>.<pid>.tmp`` stays behind.
+    """
+    path = str(path)
+    directory = osp.dirname(osp.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode('utf-8')
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+class AtomicLocalBackend(LocalBackend):
+    """mmengine ``LocalBackend`` whose writes go through :func:`atomic_write`."""
+
+    def put(self, obj: bytes, filepath: Union[str, Path]) -> None:
+        atomic_write(filepath, obj)
+
+    def put_text(self, obj: str, filepath: Union[str, Path],
+                 encoding: str = 'utf-8') -> None:
+        atomic_write(filepath, obj.encode(encoding))
+
+
+register_backend('local_atomic', AtomicLocalBackend, force=True)
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """True if ``path`` is a whole PyTorch (zip) checkpoint.
+
+    ``torch.save`` writes a zip archive whose central directory comes last
+    and whose members carry CRC-32 checksums, so a truncated or damaged file
+    fails ``testzip``. Nothing is unpickled.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return False
+
+
+def _step(path: str) -> int:
+    match = re.search(r'(\d+)\.pth$', osp.basename(path))
+    return int(match.group(1)) if match else -1
+
+
+def find_resumable_checkpoint(work_dir: str) -> Optional[str]:
+    """The checkpoint that ``--resume`` should load, or None to start anew.
+
+    Reads ``work_dir/last_checkpoint``. If the file that it names is missing
+    or incomplete (e.g. written by a version without atomic saves), falls
+    back to the newest complete ``iter_*.pth``/``epoch_*.pth`` next to it or
+    in ``work_dir``, with a warning that names both files.
+
+    Raises:
+        FileNotFoundError: ``last_checkpoint`` names an unusable file and no
+            complete checkpoint exists (resuming would silently restart).
+    """
+    pointer = osp.join(work_dir, 'last_checkpoint')
+    named = None
+    if osp.isfile(pointer):
+        with open(pointer) as f:
+            named = f.read().strip() or None
+        if named and is_complete_checkpoint(named):
+            return named
+    folders = {work_dir} | ({osp.dirname(named)} if named else set())
+    candidates = sorted(
+        {p for folder in folders
+         for pattern in ('iter_*.pth', 'epoch_*.pth')
+         for p in glob.glob(osp.join(folder, pattern))},
+        key=_step, reverse=True)
+    found = next((p for p in candidates if is_complete_checkpoint(p)), None)
+    if named is None and found is None:
+        return None
+    problem = (f'{pointer} is empty' if named is None and osp.isfile(pointer)
+               else f'there is no {pointer}' if named is None else
+               f'{pointer} names {named}, which is '
+               f'{"missing" if not osp.exists(named) else "incomplete"}')
+    if found is None:
+        raise FileNotFoundError(
+            f'cannot resume: {problem}, and no other complete checkpoint '
+            f'(iter_*.pth) exists in {sorted(folders)}. Train without '
+            '--resume to start over.')
+    print_log(f'{problem}; resuming from {found}, the newest complete '
+              'checkpoint, instead', logger='current', level=30)
+    return found

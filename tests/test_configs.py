@@ -1,0 +1,149 @@
+"""The five Semantic FPN configs: values as upstream, models build and run."""
+import os.path as osp
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import poolformer_seg  # noqa: F401  (before mmseg)
+from mmcv.transforms import Compose
+from mmengine.config import Config
+from mmengine.dataset import pseudo_collate
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import init_default_scope
+from mmseg.registry import MODELS
+from tests.conftest import REPO
+
+VARIANTS = ('s12', 's24', 's36', 'm36', 'm48')
+# Parameter counts of mmseg 1.2.2's own PoolFormer configs (built with
+# mmpretrain's backbone, 150 classes): backbone, FPN neck, FPNHead.
+# Source: /work/shared/reference/upstream.md section 1.2.
+UPSTREAM_PARAMS = {
+    's12': (11_403_200, 2_623_488, 1_643_158),
+    's24': (20_876_992, 2_623_488, 1_643_158),
+    's36': (30_350_784, 2_623_488, 1_643_158),
+    'm36': (55_404_864, 2_729_984, 1_643_158),
+    'm48': (72_705_792, 2_729_984, 1_643_158),
+}
+OPENMMLAB = 'https://download.openmmlab.com/mmclassification/v0/poolformer/'
+
+
+def config_path(variant):
+    return osp.join(REPO, 'configs', f'fpn_poolformer_{variant}_ade20k.py')
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_s12_values_match_upstream():
+    cfg = Config.fromfile(config_path('s12'))
+    model = cfg.model
+    assert model.type == 'EncoderDecoder'
+    assert model.data_preprocessor == dict(
+        type='SegDataPreProcessor', mean=[123.675, 116.28, 103.53],
+        std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0,
+        seg_pad_val=255, size=(512, 512))
+    backbone = model.backbone
+    assert (backbone.type, backbone.arch, backbone.out_indices,
+            backbone.frozen_stages, backbone.drop_path_rate) == \
+        ('PoolFormer', 's12', (0, 1, 2, 3), -1, 0.)
+    assert backbone.init_cfg == dict(
+        type='Pretrained', checkpoint=OPENMMLAB + 'poolformer-s12_3rdparty_'
+        '32xb128_in1k_20220414-f8d83051.pth')
+    assert model.neck == dict(type='FPN', in_channels=[64, 128, 320, 512],
+                              out_channels=256, num_outs=4)
+    head = model.decode_head
+    assert (head.type, head.channels, head.dropout_ratio, head.num_classes,
+            head.norm_cfg.type, head.align_corners, head.in_index,
+            head.feature_strides) == ('FPNHead', 128, 0.1, 150, 'SyncBN',
+                                      False, [0, 1, 2, 3], [4, 8, 16, 32])
+    assert head.loss_decode == dict(type='CrossEntropyLoss',
+                                    use_sigmoid=False, loss_weight=1.0)
+    assert model.test_cfg == dict(mode='whole')
+
+    assert cfg.optim_wrapper.optimizer == dict(type='AdamW', lr=0.0002,
+                                               weight_decay=0.0001)
+    assert cfg.optim_wrapper.type == 'AmpOnCudaOptimWrapper'
+    assert cfg.param_scheduler == [dict(type='PolyLR', power=0.9,
+                                        eta_min=0.0, begin=0, end=40000,
+                                        by_epoch=False)]
+    assert cfg.train_cfg == dict(type='IterBasedTrainLoop', max_iters=40000,
+                                 val_interval=4000)
+    assert cfg.default_hooks.checkpoint.interval == 4000
+    assert cfg.default_hooks.checkpoint.by_epoch is False
+    assert cfg.auto_scale_lr == dict(enable=False, base_batch_size=32)
+    assert cfg.train_dataloader.batch_size == 4  # x 8 GPUs = 32
+    assert cfg.train_dataloader.sampler.type == 'InfiniteSampler'
+    assert cfg.val_evaluator == dict(type='IoUMetric', iou_metrics=['mIoU'])
+    assert cfg.train_dataloader.dataset.pipeline == [
+        dict(type='LoadImageFromFile'),
+        dict(type='LoadAnnotations', reduce_zero_label=True),
+        dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0),
+             keep_ratio=True),
+        dict(type='RandomCrop', crop_size=(512, 512), cat_max_ratio=0.75),
+        dict(type='RandomFlip', prob=0.5),
+        dict(type='PhotoMetricDistortion'),
+        dict(type='PackSegInputs')]
+    for loader in (cfg.val_dataloader, cfg.test_dataloader):
+        assert loader.dataset.type == 'CheckedADE20KDataset'
+        assert loader.dataset.data_root == 'data/ade/ADEChallengeData2016'
+        assert loader.batch_size == 1
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_test_pipeline_resizes_to_multiple_of_32(variant):
+    cfg = Config.fromfile(config_path(variant))
+    pipeline = cfg.test_dataloader.dataset.pipeline
+    assert pipeline == cfg.val_dataloader.dataset.pipeline
+    types = [t['type'] for t in pipeline]
+    assert types == ['LoadImageFromFile', 'Resize', 'ResizeToMultiple',
+                     'LoadAnnotations', 'PackSegInputs']
+    assert pipeline[1] == dict(type='Resize', scale=(2048, 512),
+                               keep_ratio=True)
+    assert pipeline[2] == dict(type='ResizeToMultiple', size_divisor=32)
+    assert pipeline[3] == dict(type='LoadAnnotations', reduce_zero_label=True)
+
+
+@pytest.fixture(scope='module')
+def sample_image(tmp_path_factory):
+    """A 333 x 340 image and label map: no side a multiple of 32."""
+    root = tmp_path_factory.mktemp('sample')
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(333, 340, 3), dtype=np.uint8)
+    label = rng.integers(0, 151, size=(333, 340), dtype=np.uint8)
+    cv2.imwrite(str(root / 'img.jpg'), img)
+    cv2.imwrite(str(root / 'img.png'), label)
+    return str(root / 'img.jpg'), str(root / 'img.png')
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_builds_and_runs(variant, sample_image):
+    cfg = Config.fromfile(config_path(variant))
+    arch = cfg.model.backbone.arch
+    assert arch == variant
+    assert cfg.model.backbone.init_cfg.checkpoint.startswith(
+        OPENMMLAB + f'poolformer-{variant}_3rdparty_32xb128_in1k_')
+    init_default_scope('mmseg')
+    cfg.model.backbone.init_cfg = None  # no network in tests
+    torch.manual_seed(0)
+    model = revert_sync_batchnorm(MODELS.build(cfg.model)).eval()
+    assert (count(model.backbone), count(model.neck),
+            count(model.decode_head)) == UPSTREAM_PARAMS[variant]
+
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 512, 512), mode='tensor')
+    assert logits.shape == (1, 150, 128, 128)
+
+    img_path, seg_path = sample_image
+    pipeline = Compose(cfg.test_dataloader.dataset.pipeline)
+    data = pipeline(dict(img_path=img_path, seg_map_path=seg_path,
+                         reduce_zero_label=True, seg_fields=[]))
+    # short side 333 -> 512, long side 340 * 512 / 333 = 523 -> 544
+    assert data['inputs'].shape == (3, 512, 544)
+    with torch.no_grad():
+        result, = model.test_step(pseudo_collate([data]))
+    assert result.pred_sem_seg.data.shape == (1, 333, 340)
+    assert result.seg_logits.data.shape == (150, 333, 340)
+    assert result.gt_sem_seg.data.shape == (1, 333, 340)

@@ -1,0 +1,113 @@
+"""tools/inference.py on generated ADE20K-layout images (tiny random model:
+these tests check files, sizes and colours, not segmentation quality)."""
+import glob
+import os
+import os.path as osp
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+import poolformer_seg  # noqa: F401
+from mmseg.datasets import ADE20KDataset
+from poolformer_seg.apis import colorize_mask, init_model, predict_mask
+
+from ..apis.tiny import TINY_MODEL, save_random_checkpoint
+
+PALETTE = np.array(ADE20KDataset.METAINFO['palette'], np.uint8)
+
+
+def read_rgb(path):
+    return cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope='module')
+def photos(ade_tiny, tmp_path_factory):
+    """Two generated validation images, one in a sub-folder."""
+    root = tmp_path_factory.mktemp('photos')
+    images = sorted(glob.glob(osp.join(ade_tiny, 'images', 'validation',
+                                       '*.jpg')))[:2]
+    os.makedirs(root / 'sub')
+    shutil.copy(images[0], root / 'a.jpg')
+    shutil.copy(images[1], root / 'sub' / 'b.jpg')
+    (root / 'notes.txt').write_text('not an image')
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def tiny(make_tiny_config, tmp_path_factory):
+    root = tmp_path_factory.mktemp('tiny_tool')
+    config = make_tiny_config(root / 'tiny.py', **TINY_MODEL)
+    checkpoint = str(root / 'tiny.pth')
+    save_random_checkpoint(config, checkpoint)
+    return config, checkpoint
+
+
+@pytest.fixture(scope='module')
+def tool_output(tiny, photos, run_tool, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('inference_out'))
+    proc = run_tool('inference.py', *tiny, photos, '--out-dir', out,
+                    '--opacity', '0.4', '--panel', '--device', 'cpu')
+    return out, proc.stdout
+
+
+def test_writes_mask_overlay_legend_per_image(tool_output, photos):
+    out, stdout = tool_output
+    assert 'wrote 8 files for 2 image(s)' in stdout
+    assert sorted(osp.relpath(p, out) for p in glob.glob(
+        osp.join(out, '**', '*.png'), recursive=True)) == [
+            'a_legend.png', 'a_mask.png', 'a_overlay.png', 'a_panel.png',
+            'sub/b_legend.png', 'sub/b_mask.png', 'sub/b_overlay.png',
+            'sub/b_panel.png']
+    for name in ('a', 'sub/b'):
+        photo = read_rgb(osp.join(photos, f'{name}.jpg'))
+        mask = read_rgb(osp.join(out, f'{name}_mask.png'))
+        overlay = read_rgb(osp.join(out, f'{name}_overlay.png'))
+        assert mask.shape == overlay.shape == photo.shape
+        # every pixel of the mask is an ADE20K palette colour
+        colours = np.unique(mask.reshape(-1, 3), axis=0)
+        assert all((PALETTE == c).all(axis=1).any() for c in colours)
+        # opacity 0.4 blend of the photo (as decoded) and the mask
+        expected = 0.6 * photo + 0.4 * mask.astype(float)
+        assert np.abs(overlay - expected).max() <= 1.
+        panel = read_rgb(osp.join(out, f'{name}_panel.png'))
+        # photo | 8 px gap | overlay | 8 px gap | legend (300 px)
+        height, width = photo.shape[:2]
+        assert panel.shape[0] >= height
+        assert panel.shape[1] == 2 * width + 16 + 300
+        np.testing.assert_array_equal(panel[:height, :width], photo)
+        np.testing.assert_array_equal(
+            panel[:height, width + 8:2 * width + 8], overlay)
+
+
+def test_outputs_agree_with_the_api(tool_output, tiny, photos):
+    out, _ = tool_output
+    model = init_model(*tiny, device='cpu')
+    labels = predict_mask(model, osp.join(photos, 'a.jpg'))
+    assert len(np.unique(labels)) > 1
+    mask = read_rgb(osp.join(out, 'a_mask.png'))
+    np.testing.assert_array_equal(mask, colorize_mask(labels, PALETTE))
+    # the legend shows a swatch for each class present, largest first
+    legend = read_rgb(osp.join(out, 'a_legend.png'))
+    present = np.argsort(-np.bincount(labels.ravel(), minlength=150),
+                         kind='stable')[:len(np.unique(labels))]
+    swatch_centres = legend[4 + 10 + 28 * np.arange(len(present)), 16]
+    np.testing.assert_array_equal(swatch_centres, PALETTE[present])
+
+
+def test_glob_and_single_file_inputs(load_tool, photos):
+    tool = load_tool('inference.py')
+    found = tool.collect_images(osp.join(photos, '**', '*.jpg'))
+    assert [name for _, name in found] == ['a', 'sub/b']
+    assert tool.collect_images(osp.join(photos, 'sub', 'b.jpg')) == [
+        (osp.join(photos, 'sub', 'b.jpg'), 'b')]
+    with pytest.raises(FileNotFoundError, match='no image files'):
+        tool.collect_images(osp.join(photos, '*.png'))
+
+
+def test_bad_opacity_is_rejected(load_tool, capsys):
+    with pytest.raises(SystemExit):
+        load_tool('inference.py').parse_args(['c.py', 'k.pth', 'x.jpg',
+                                              '--opacity', '1.5'])
+    assert '--opacity must be in [0, 1]' in capsys.readouterr().err

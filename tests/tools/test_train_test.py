@@ -1,0 +1,215 @@
+"""End to end: tools/train.py and tools/test.py on generated ADE20K data.
+
+The runs use configs/fpn_poolformer_s12_ade20k.py (the real S12 model, 150
+classes, the real pipelines) with every image scale divided by 4 (crops of
+128 instead of 512) so that CPU runs take seconds per iteration; see
+``make_tiny_config`` in tests/conftest.py.
+"""
+import os
+import os.path as osp
+import re
+import socket
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from poolformer_seg.utils.safe_load import load
+from tests.conftest import REPO, TRAIN_ITERS
+
+NUM_CLASSES = 150
+SUMMARY = re.compile(r'aAcc: ([\d.]+)\s+mIoU: ([\d.]+)\s+mAcc: ([\d.]+)\s*$',
+                     re.M)
+
+
+def summary_of(stdout):
+    """(aAcc, mIoU, mAcc) from the summary line that tools/test.py prints."""
+    found = SUMMARY.findall(stdout)
+    assert found, stdout[-3000:]
+    return tuple(float(v) for v in found[-1])
+
+
+def numpy_metrics(pred_dir, gt_dir):
+    """aAcc, mIoU, mAcc (percent) from label PNGs, computed independently.
+
+    Predictions are saved in the dataset's label space (1..150); the ground
+    truth is the raw ADE20K annotation (0 = other). reduce_zero_label maps
+    k -> k - 1 and 0 -> 255, and 255 is ignored.
+    """
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    names = sorted(os.listdir(gt_dir))
+    assert sorted(os.listdir(pred_dir)) == names
+    for name in names:
+        gt = cv2.imread(osp.join(gt_dir, name), cv2.IMREAD_UNCHANGED)
+        pred = cv2.imread(osp.join(pred_dir, name), cv2.IMREAD_UNCHANGED)
+        assert pred.shape == gt.shape, name  # evaluated at original size
+        assert pred.min() >= 1, 'predictions must be in 1..150'
+        gt = gt.astype(np.int64) - 1          # 0 -> -1 (ignored)
+        pred = pred.astype(np.int64) - 1
+        valid = gt >= 0
+        confusion += np.bincount(
+            gt[valid] * NUM_CLASSES + pred[valid],
+            minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
+    tp = np.diag(confusion).astype(float)
+    gt_area, pred_area = confusion.sum(1), confusion.sum(0)
+    union = gt_area + pred_area - tp
+    with np.errstate(invalid='ignore', divide='ignore'):
+        iou = tp / union          # nan where a class is neither GT nor pred
+        acc = tp / gt_area        # nan where a class is not in the GT
+    return (100 * tp.sum() / confusion.sum(), 100 * np.nanmean(iou),
+            100 * np.nanmean(acc))
+
+
+def majority_miou(gt_dir):
+    """mIoU of predicting the most frequent valid class everywhere."""
+    labels = np.concatenate([
+        cv2.imread(osp.join(gt_dir, n), cv2.IMREAD_UNCHANGED).ravel()
+        for n in sorted(os.listdir(gt_dir))])
+    labels = labels[labels > 0]
+    counts = np.bincount(labels)
+    present = np.count_nonzero(counts)
+    # one class has IoU = its frequency, the others 0
+    return 100 * counts.max() / labels.size / present
+
+
+@pytest.fixture(scope='session')
+def tested_s12(trained_s12, run_tool, tmp_path_factory):
+    """tools/test.py --out on the trained checkpoint."""
+    root = tmp_path_factory.mktemp('tested_s12')
+    out = str(root / 'preds')
+    proc = run_tool('test.py', trained_s12.config, trained_s12.checkpoint,
+                    '--work-dir', str(root / 'work'), '--out', out)
+    return proc.stdout, out
+
+
+def test_train_writes_checkpoint(trained_s12):
+    state = load(trained_s12.checkpoint)
+    assert state['meta']['iter'] == TRAIN_ITERS
+    assert 'optimizer' in state and 'param_schedulers' in state
+    assert any(k.startswith('backbone.stages.3.') for k in state['state_dict'])
+    assert len(trained_s12.losses) == TRAIN_ITERS
+
+
+def test_test_py_prints_table_and_summary(tested_s12):
+    stdout, _ = tested_s12
+    assert 'per class results:' in stdout
+    # the table lists all 150 ADE20K classes with IoU and Acc columns
+    assert re.search(r'\|\s+Class\s+\|\s+IoU\s+\|\s+Acc\s+\|', stdout)
+    for name in ('wall', 'sky', 'flag', 'clock'):
+        assert re.search(rf'\|\s+{name}\s+\|', stdout), name
+    summary_of(stdout)
+
+
+def test_miou_matches_numpy_confusion_matrix(tested_s12, ade_tiny):
+    stdout, out = tested_s12
+    reported = summary_of(stdout)
+    expected = numpy_metrics(out, osp.join(ade_tiny, 'annotations',
+                                           'validation'))
+    print(f'\ntools/test.py aAcc/mIoU/mAcc {reported}; numpy '
+          f'{tuple(round(v, 2) for v in expected)}')
+    # mmseg rounds to 2 decimals
+    np.testing.assert_allclose(reported, expected, atol=0.0051)
+
+
+def test_learning_beats_chance(trained_s12, tested_s12, ade_tiny):
+    losses = trained_s12.losses
+    first, last = np.mean(losses[:5]), np.mean(losses[-10:])
+    _, miou, _ = summary_of(tested_s12[0])
+    chance = majority_miou(osp.join(ade_tiny, 'annotations', 'validation'))
+    print(f'\nS12 (quarter scale), {TRAIN_ITERS} iterations on CPU: loss '
+          f'{first:.3f} (first 5) -> {last:.3f} (last 10); val mIoU '
+          f'{miou:.2f} vs {chance:.2f} for the majority class')
+    assert last < 0.5 * first
+    assert miou > 3 * chance
+    assert miou > 40
+
+
+def test_tta_reports_miou(trained_s12, tested_s12, run_tool, tmp_path):
+    proc = run_tool('test.py', trained_s12.config, trained_s12.checkpoint,
+                    '--work-dir', str(tmp_path), '--tta')
+    _, miou, _ = summary_of(proc.stdout)
+    _, single, _ = summary_of(tested_s12[0])
+    print(f'\nmIoU single scale {single:.2f}, multi-scale + flip {miou:.2f}')
+    # 6 scales x 2 flips = 12 predictions averaged per image
+    assert 'TestTimeAug' in proc.stdout
+    assert miou > 0.5 * single
+
+
+def test_strict_checkpoint_loading(trained_s12, run_tool, tmp_path):
+    state = load(trained_s12.checkpoint)
+    del state['state_dict']['decode_head.conv_seg.weight']
+    broken = str(tmp_path / 'broken.pth')
+    torch.save({'state_dict': state['state_dict']}, broken)
+    args = [trained_s12.config, broken, '--work-dir', str(tmp_path / 'w')]
+    proc = run_tool('test.py', *args, check=False)
+    assert proc.returncode != 0
+    assert 'CheckpointMismatchError' in proc.stdout
+    assert 'decode_head.conv_seg.weight' in proc.stdout
+    proc = run_tool('test.py', *args, '--allow-partial-load')
+    assert 'decode_head.conv_seg.weight' in proc.stdout
+    summary_of(proc.stdout)
+
+
+def test_amp_flag(load_tool, monkeypatch):
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    train = load_tool('train.py')
+    config = osp.join(REPO, 'configs', 'fpn_poolformer_s12_ade20k.py')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(SystemExit, match='--amp needs a CUDA device'):
+        train.main([config, '--amp'])
+    # with CUDA: our configs already use AMP there; plain OptimWrapper
+    # configs switch to AmpOptimWrapper as in mmseg
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    cfg = train.build_config(train.parse_args([config, '--amp']))
+    assert 'already enabled' in train.enable_amp(cfg)
+    cfg.optim_wrapper.type = 'OptimWrapper'
+    train.enable_amp(cfg)
+    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+    assert cfg.optim_wrapper.loss_scale == 'dynamic'
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_distributed_gloo_replicas_identical(make_tiny_config, tmp_path):
+    """2 processes, torchrun + gloo, via tools/dist_train.sh."""
+    iters = 3
+    config = make_tiny_config(
+        tmp_path / 'config.py', max_iters=iters,
+        custom_imports=dict(imports=['poolformer_seg',
+                                     'tests.tools.dump_params_hook'],
+                            allow_failed_imports=False),
+        custom_hooks=[dict(type='DumpParamsHook')])
+    work_dir = tmp_path / 'work'
+    env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()),
+               PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+    proc = subprocess.run(
+        ['bash', osp.join(REPO, 'tools', 'dist_train.sh'), config, '2',
+         '--work-dir', str(work_dir)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert 'nccl -> gloo' in proc.stdout
+    ranks = [load(str(work_dir / f'params_rank{r}.pth')) for r in (0, 1)]
+    # the two ranks trained on different images ...
+    seen = [set(r['images']) for r in ranks]
+    assert seen[0] and seen[1] and seen[0] != seen[1]
+    # ... and still hold identical parameters, which moved from the init
+    names = ranks[0]['final'].keys()
+    assert names == ranks[1]['final'].keys() and len(names) > 100
+    for name in names:
+        assert torch.equal(ranks[0]['final'][name], ranks[1]['final'][name]), \
+            name
+    moved = [n for n in names
+             if not torch.equal(ranks[0]['initial'][n], ranks[0]['final'][n])]
+    assert len(moved) > 0.9 * len(names)
+    # the checkpoint holds the same weights
+    saved = load(str(work_dir / f'iter_{iters}.pth'))['state_dict']
+    for name in names:
+        assert torch.equal(saved[name], ranks[0]['final'][name]), name

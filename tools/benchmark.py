@@ -1,0 +1,612 @@
+"""Speed, memory and agreement of our model against the upstream route.
+
+    python tools/benchmark.py configs/fpn_poolformer_s12_ade20k.py \\
+        --dtype fp32 bf16 --sizes 512x512 --batch-sizes 1 2 \\
+        --modes infer train --markdown bench.md --plot bench.png
+
+One run builds the config's segmentor twice with identical weights: *ours*
+(the config as is, plus ``--channels-last``/``--compile``) and the
+*reference*, the same FPN/FPNHead over MMPretrain 1.2.0's PoolFormer source
+(:mod:`poolformer_seg.utils.upstream`), eager, NCHW. For every mode, input
+size and batch size the variants (model x dtype) are timed in turns, so that
+background load hits all of them alike, and medians are reported:
+
+* ``infer``: ``encode_decode`` (backbone, neck, head and the resize of the
+  logits to the input size) under ``no_grad``;
+* ``train``: ``loss`` (forward and cross-entropy), backward and an AdamW
+  step, batch ``B``.
+
+Peak memory is measured in a fresh subprocess per variant, mode, size and
+batch (CPU: peak RSS during the steps minus the RSS before them, the
+kernel's high-water mark being reset first; CUDA:
+``torch.cuda.max_memory_allocated`` minus the allocation before). Outputs
+are compared at each size: ours and the reference in fp32 (max abs
+difference of the logits), and every low-precision variant against its fp32
+run (share of equal argmax pixels).
+
+Weights are random but non-trivial (layer scales 0.2..1, varied norms and
+BN statistics) unless ``--checkpoint`` gives a trained segmentor, so that a
+disagreement cannot hide behind the tiny initial layer scales.
+
+bf16 runs under ``torch.autocast`` (CPU or CUDA); fp16 too, with a gradient
+scaler when training. See docs/benchmark.md.
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import poolformer_seg  # noqa: F401  (must precede mmseg imports)
+import torch
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16,
+          'fp16': torch.float16}
+MODES = ('infer', 'train')
+
+
+def parse_size(text):
+    try:
+        height, width = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'--sizes takes HEIGHTxWIDTH, e.g. 512x1024; got {text!r}')
+    if height < 32 or width < 32:
+        raise argparse.ArgumentTypeError(f'size {text} is below 32x32')
+    return height, width
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+    p = argparse.ArgumentParser(
+        description='Benchmark our segmentor against the upstream route',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('config', help='segmentor config file')
+    p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    p.add_argument('--dtype', nargs='+', choices=list(DTYPES),
+                   default=['fp32', 'bf16'],
+                   help='compute dtypes; bf16/fp16 run under autocast')
+    p.add_argument('--sizes', nargs='+', type=parse_size,
+                   default=[(512, 512)], metavar='HxW')
+    p.add_argument('--batch-sizes', nargs='+', type=int, default=[1])
+    p.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
+    p.add_argument('--repeats', type=int, default=5,
+                   help='timed runs per variant (median reported)')
+    p.add_argument('--warmup', type=int, default=1,
+                   help='untimed runs per variant first')
+    p.add_argument('--threads', type=int, default=os.cpu_count(),
+                   help='torch CPU threads')
+    p.add_argument('--channels-last', action='store_true',
+                   help='ours: backbone channels_last=True and the whole '
+                   'model in channels_last')
+    p.add_argument('--compile', action='store_true',
+                   help='ours: backbone compile=True (torch.compile)')
+    p.add_argument('--reference', action=argparse.BooleanOptionalAction,
+                   default=True, help='also run the mmpretrain reference')
+    p.add_argument('--memory', action=argparse.BooleanOptionalAction,
+                   default=True, help='measure peak memory (subprocesses)')
+    p.add_argument('--checkpoint', help='segmentor weights to load instead '
+                   'of random ones')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--markdown', metavar='OUT.md')
+    p.add_argument('--plot', metavar='OUT.png')
+    p.add_argument('--json', metavar='OUT.json', help='raw report')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction,
+                   help='override config settings, key=value')
+    p.add_argument('--probe', help=argparse.SUPPRESS)  # memory worker
+    args = p.parse_args(argv)
+    for name in ('repeats', 'threads'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name} must be >= 1')
+    if args.warmup < 0 or min(args.batch_sizes) < 1:
+        p.error('--warmup must be >= 0 and --batch-sizes >= 1')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        p.error('--device cuda but torch.cuda.is_available() is False')
+    return args
+
+
+# ----------------------------------------------------------------------------
+# Models
+
+
+def model_config(args):
+    """The config's model dict with the benchmark's overrides applied."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    model = copy.deepcopy(cfg.model)
+    if model.get('type') != 'EncoderDecoder' or 'backbone' not in model:
+        raise ValueError(f'{args.config}: expected an EncoderDecoder model')
+    model.backbone.init_cfg = None  # weights come from randomize/checkpoint
+    if args.channels_last:
+        model.backbone.channels_last = True
+    if args.compile:
+        model.backbone.compile = True
+    return model
+
+
+def build_segmentor(model_cfg):
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import MODELS
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(copy.deepcopy(model_cfg))
+    return revert_sync_batchnorm(model)  # SyncBN needs a process group
+
+
+@torch.no_grad()
+def randomize_(model, seed):
+    """Random, well-scaled, non-trivial values in every float tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, t in list(model.named_parameters()) + list(
+            model.named_buffers()):
+        if not t.is_floating_point():
+            continue
+        if 'layer_scale' in name:
+            value = torch.rand(t.shape, generator=gen) * .8 + .2
+        elif name.endswith('running_var'):
+            value = torch.rand(t.shape, generator=gen) * 1.5 + .5
+        elif t.dim() > 1:
+            value = torch.randn(t.shape, generator=gen) / t[0].numel() ** .5
+        elif name.endswith('weight'):
+            value = 1 + .3 * torch.randn(t.shape, generator=gen)
+        else:
+            value = .1 * torch.randn(t.shape, generator=gen)
+        t.copy_(value)
+
+
+def reference_of(ours):
+    """The same segmentor with mmpretrain's PoolFormer; same weights."""
+    from poolformer_seg.utils.upstream import build_reference
+    ref = copy.deepcopy(ours)
+    # eager, NCHW, plain: only our backbone knows the fast-path flags
+    ref.backbone = build_reference(ours.backbone)
+    ref.to(memory_format=torch.contiguous_format)
+    return ref
+
+
+def build_pair(args, device, state=None):
+    """``{'ours': model, 'reference': model}`` with identical weights."""
+    from mmengine.runner import load_checkpoint
+    model_cfg = model_config(args)
+    ours = build_segmentor(model_cfg)
+    if state is not None:
+        ours.load_state_dict(state)
+    elif args.checkpoint:
+        load_checkpoint(ours, args.checkpoint, map_location='cpu',
+                        strict=True)
+    else:
+        randomize_(ours, args.seed)
+    models = {'ours': ours}
+    if args.reference:
+        models['reference'] = reference_of(ours)
+    if args.channels_last:
+        ours.to(memory_format=torch.channels_last)
+    return {k: m.to(device) for k, m in models.items()}
+
+
+# ----------------------------------------------------------------------------
+# Steps
+
+
+def make_inputs(batch, size, num_classes, device, seed):
+    """Smooth random images (already normalised) and random label maps."""
+    import torch.nn.functional as F
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    gen = torch.Generator().manual_seed(seed)
+    h, w = size
+    coarse = torch.randn(batch, 3, max(1, h // 16), max(1, w // 16),
+                         generator=gen)
+    images = F.interpolate(coarse, size=(h, w), mode='bilinear',
+                           align_corners=False)
+    images = images + .1 * torch.randn(images.shape, generator=gen)
+    labels = torch.randint(0, num_classes, (batch, 1, h, w), generator=gen)
+    meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                padding_size=[0, 0, 0, 0])
+    samples = []
+    for i in range(batch):
+        sample = SegDataSample(metainfo=meta)
+        sample.gt_sem_seg = PixelData(data=labels[i].to(device))
+        samples.append(sample)
+    return images.to(device), samples
+
+
+def autocast(device, dtype):
+    if dtype == 'fp32':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=DTYPES[dtype])
+
+
+def make_step(model, mode, dtype, images, samples, device):
+    """A callable running one inference or training step."""
+    if mode == 'infer':
+        model.eval()
+        metas = [s.metainfo for s in samples]
+
+        def step():
+            with torch.no_grad(), autocast(device, dtype):
+                return model.encode_decode(images, metas)
+        return step
+    model.train()
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=2e-4,
+        weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device) if dtype == 'fp16' else None
+
+    def step():
+        with autocast(device, dtype):
+            losses = model.loss(images, samples)
+        loss = sum(v for k, v in losses.items() if 'loss' in k)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def time_interleaved(steps, repeats, warmup, device):
+    """Seconds per call of each step, taken in turns (round robin)."""
+    def sync():
+        if device == 'cuda':
+            torch.cuda.synchronize()
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    sync()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+# ----------------------------------------------------------------------------
+# Memory (fresh subprocess per measurement)
+
+
+def _rss_bytes():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def _peak_rss_bytes():
+    """High-water RSS; resettable through /proc/self/clear_refs."""
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) * 1024
+    raise OSError('no VmHWM in /proc/self/status')
+
+
+def run_probe(spec, args):
+    """Worker: build one variant, run its steps, print its peak memory."""
+    device = args.device
+    state = torch.load(spec['weights'], weights_only=True)
+    model = build_pair(args, device, state)[spec['model']]
+    num_classes = model.decode_head.num_classes
+    images, samples = make_inputs(spec['batch'], tuple(spec['size']),
+                                  num_classes, device, args.seed)
+    step = make_step(model, spec['mode'], spec['dtype'], images, samples,
+                     device)
+    runs = max(1, args.warmup) + 1
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(runs):
+            step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        result = dict(peak_delta_mb=(peak - base) / 2**20,
+                      peak_mb=peak / 2**20)
+    else:
+        import resource
+        base = _rss_bytes()
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # reset the high-water mark to the current RSS
+            peak_fn = _peak_rss_bytes
+        except OSError:  # not Linux, or not allowed: monotonic fallback
+            def peak_fn():
+                return resource.getrusage(
+                    resource.RUSAGE_SELF).ru_maxrss * 1024
+        for _ in range(runs):
+            step()
+        peak = peak_fn()
+        result = dict(peak_delta_mb=(peak - base) / 2**20,
+                      peak_mb=peak / 2**20)
+    print('PROBE ' + json.dumps(result))
+
+
+def measure_memory(spec, args, argv):
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, '--probe',
+           json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith('PROBE '):
+            return json.loads(line[6:])
+    raise RuntimeError(f'memory probe {spec} failed:\n{proc.stderr[-3000:]}')
+
+
+# ----------------------------------------------------------------------------
+# Main loop
+
+
+def variants(args):
+    names = ['ours'] + (['reference'] if args.reference else [])
+    return [(name, dtype) for name in names for dtype in args.dtype]
+
+
+@torch.no_grad()
+def agreement(models, images, samples, dtypes, device):
+    """Logit and argmax agreement at one input (see module docstring)."""
+    metas = [s.metainfo for s in samples]
+    out = {}
+    fp32 = {}
+    for name, model in models.items():
+        model.eval()
+        logits = model.encode_decode(images, metas).float()
+        fp32[name] = logits
+        for dtype in dtypes:
+            if dtype == 'fp32':
+                continue
+            with autocast(device, dtype):
+                low = model.encode_decode(images, metas).float()
+            out[f'{name}/{dtype}'] = dict(
+                argmax_equal_to_fp32=(low.argmax(1) == logits.argmax(1))
+                .float().mean().item(),
+                max_abs_diff_to_fp32=(low - logits).abs().max().item())
+    if 'reference' in fp32:
+        diff = (fp32['ours'] - fp32['reference']).abs()
+        out['ours/fp32'] = dict(
+            max_abs_diff_to_reference=diff.max().item(),
+            mean_abs_diff_to_reference=diff.mean().item(),
+            max_abs_logit=fp32['reference'].abs().max().item(),
+            argmax_equal_to_reference=(fp32['ours'].argmax(1) ==
+                                       fp32['reference'].argmax(1))
+            .float().mean().item())
+    return out
+
+
+def run(args, argv):
+    torch.set_num_threads(args.threads)
+    device = args.device
+    models = build_pair(args, device)
+    num_classes = models['ours'].decode_head.num_classes
+    records, checks = [], []
+    tmp = tempfile.TemporaryDirectory()
+    weights = os.path.join(tmp.name, 'weights.pth')
+    torch.save(models['ours'].state_dict(), weights)
+    # training steps change the weights; agreement needs the initial ones
+    initial = {k: copy.deepcopy(m.state_dict()) for k, m in models.items()}
+    for size in args.sizes:
+        for batch in args.batch_sizes:
+            images, samples = make_inputs(batch, size, num_classes, device,
+                                          args.seed)
+            if 'infer' in args.modes:
+                for name, model in models.items():
+                    model.load_state_dict(initial[name])
+                checks.append(dict(size=list(size), batch=batch, **{
+                    'results': agreement(models, images, samples, args.dtype,
+                                         device)}))
+            for mode in args.modes:
+                steps = {f'{name}/{dtype}': make_step(
+                    models[name], mode, dtype, images, samples, device)
+                    for name, dtype in variants(args)}
+                times = time_interleaved(steps, args.repeats, args.warmup,
+                                         device)
+                for name, dtype in variants(args):
+                    t = times[f'{name}/{dtype}']
+                    rec = dict(mode=mode, size=list(size), batch=batch,
+                               model=name, dtype=dtype,
+                               median_ms=statistics.median(t) * 1e3,
+                               min_ms=min(t) * 1e3,
+                               times_ms=[v * 1e3 for v in t])
+                    rec['images_per_s'] = batch / (rec['median_ms'] / 1e3)
+                    if args.memory:
+                        rec.update(measure_memory(
+                            dict(model=name, dtype=dtype, mode=mode,
+                                 size=list(size), batch=batch,
+                                 weights=weights), args, argv))
+                    records.append(rec)
+                    print(format_record(rec), flush=True)
+            del images, samples
+    add_ratios(records)
+    return dict(environment=environment(args), records=records,
+                agreement=checks, scaling=scaling(records))
+
+
+def format_record(rec):
+    mem = (f", peak +{rec['peak_delta_mb']:.0f} MB"
+           if 'peak_delta_mb' in rec else '')
+    return (f"{rec['mode']:5s} {rec['size'][0]}x{rec['size'][1]} "
+            f"b{rec['batch']} {rec['model']:9s} {rec['dtype']}: "
+            f"{rec['median_ms']:.1f} ms (min {rec['min_ms']:.1f}){mem}")
+
+
+def add_ratios(records):
+    """Speed-up and memory ratios against the reference (fp32 and same)."""
+    index = {(r['mode'], tuple(r['size']), r['batch'], r['model'],
+              r['dtype']): r for r in records}
+    for r in records:
+        key = (r['mode'], tuple(r['size']), r['batch'], 'reference')
+        for tag, dtype in (('fp32', 'fp32'), ('same', r['dtype'])):
+            ref = index.get(key + (dtype, ))
+            if ref is None or r['model'] == 'reference' and tag == 'same':
+                continue
+            r[f'speedup_vs_ref_{tag}'] = ref['median_ms'] / r['median_ms']
+            if 'peak_delta_mb' in r and tag == 'same':
+                r['memory_vs_ref'] = r['peak_delta_mb'] / max(
+                    ref['peak_delta_mb'], 1e-9)
+
+
+def scaling(records):
+    """Log-log slope of time against pixels per (model, dtype, mode, B).
+
+    A slope of 1 is linear cost in the number of pixels.
+    """
+    groups = {}
+    for r in records:
+        key = (r['model'], r['dtype'], r['mode'], r['batch'])
+        groups.setdefault(key, []).append(
+            (r['size'][0] * r['size'][1], r['median_ms']))
+    out = []
+    for (model, dtype, mode, batch), points in groups.items():
+        points.sort()
+        if len(points) < 2 or points[0][0] == points[-1][0]:
+            continue
+        xs = [math.log(p) for p, _ in points]
+        ys = [math.log(t) for _, t in points]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum(
+            (x - mx)**2 for x in xs)
+        out.append(dict(model=model, dtype=dtype, mode=mode, batch=batch,
+                        slope=slope, ms_per_megapixel=[
+                            t / (p / 1e6) for p, t in points],
+                        pixels=[p for p, _ in points]))
+    return out
+
+
+def environment(args):
+    cpu = platform.processor()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f
+                       if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    env = dict(date=datetime.datetime.now().isoformat(timespec='seconds'),
+               command='python tools/benchmark.py ' + ' '.join(
+                   sys.argv[1:]),
+               torch=torch.__version__, device=args.device, cpu=cpu,
+               threads=args.threads, cpu_count=os.cpu_count(),
+               config=args.config, channels_last=args.channels_last,
+               compile=args.compile, weights=args.checkpoint or
+               f'random (seed {args.seed})', repeats=args.repeats,
+               warmup=args.warmup)
+    if args.device == 'cuda':
+        env['gpu'] = torch.cuda.get_device_name()
+    return env
+
+
+# ----------------------------------------------------------------------------
+# Output
+
+
+def to_markdown(report):
+    env = report['environment']
+    lines = [
+        '# Benchmark: ours vs upstream (mmseg FPN over mmpretrain '
+        'PoolFormer)', '',
+        f"`{env['command']}`", '',
+        f"{env['date']}; torch {env['torch']}; {env['device']} "
+        f"({env.get('gpu', env['cpu'])}); {env['threads']} threads; "
+        f"weights: {env['weights']}; median of {env['repeats']} runs "
+        f"after {env['warmup']} warm-up.", '',
+        '| mode | size | batch | model | dtype | median ms | img/s '
+        '| x ref fp32 | x ref same dtype | peak mem +MB | mem / ref |',
+        '|---|---|---|---|---|---|---|---|---|---|---|']
+
+    def fmt(value, spec):
+        return '-' if value is None else format(value, spec)
+    for r in report['records']:
+        lines.append(
+            f"| {r['mode']} | {r['size'][0]}x{r['size'][1]} | {r['batch']} "
+            f"| {r['model']} | {r['dtype']} | {r['median_ms']:.1f} "
+            f"| {r['images_per_s']:.2f} "
+            f"| {fmt(r.get('speedup_vs_ref_fp32'), '.2f')} "
+            f"| {fmt(r.get('speedup_vs_ref_same'), '.2f')} "
+            f"| {fmt(r.get('peak_delta_mb'), '.0f')} "
+            f"| {fmt(r.get('memory_vs_ref'), '.2f')} |")
+    if report['agreement']:
+        lines += ['', '## Output agreement (inference)', '',
+                  '| size | batch | variant | check | value |',
+                  '|---|---|---|---|---|']
+        for check in report['agreement']:
+            for variant, values in check['results'].items():
+                for key, value in values.items():
+                    lines.append(
+                        f"| {check['size'][0]}x{check['size'][1]} "
+                        f"| {check['batch']} | {variant} | {key} "
+                        f"| {value:.6g} |")
+    if report['scaling']:
+        lines += ['', '## Cost against pixels', '',
+                  'Slope of log(time) against log(pixels); 1 = linear.', '',
+                  '| model | dtype | mode | batch | slope | ms per '
+                  'megapixel (by size) |', '|---|---|---|---|---|---|']
+        for s in report['scaling']:
+            per = ', '.join(f'{v:.0f}' for v in s['ms_per_megapixel'])
+            lines.append(f"| {s['model']} | {s['dtype']} | {s['mode']} "
+                         f"| {s['batch']} | {s['slope']:.2f} | {per} |")
+    return '\n'.join(lines) + '\n'
+
+
+def plot(report, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    modes = sorted({r['mode'] for r in report['records']})
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5),
+                             squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        lines = {}
+        for r in report['records']:
+            if r['mode'] == mode:
+                key = f"{r['model']} {r['dtype']} b{r['batch']}"
+                lines.setdefault(key, []).append(
+                    (r['size'][0] * r['size'][1] / 1e6, r['median_ms']))
+        for key, points in sorted(lines.items()):
+            points.sort()
+            ax.plot(*zip(*points), marker='o',
+                    linestyle='--' if key.startswith('reference') else '-',
+                    label=key)
+        ax.set_xlabel('megapixels per image')
+        ax.set_ylabel('median ms per step')
+        ax.set_title(f'{mode} ({report["environment"]["device"]})')
+        ax.grid(True, alpha=.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.probe:
+        torch.set_num_threads(args.threads)
+        return run_probe(json.loads(args.probe), args)
+    report = run(args, argv)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(report, f, indent=1)
+    markdown = to_markdown(report)
+    if args.markdown:
+        with open(args.markdown, 'w') as f:
+            f.write(markdown)
+    if args.plot:
+        plot(report, args.plot)
+    print(markdown)
+
+
+if __name__ == '__main__':
+    main()

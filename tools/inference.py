@@ -1,0 +1,137 @@
+"""Segment images and save a colour mask, an overlay and a legend per image.
+
+    python tools/inference.py CONFIG CHECKPOINT photo.jpg
+    python tools/inference.py CONFIG CHECKPOINT photos/ --out-dir vis/
+    python tools/inference.py CONFIG CHECKPOINT 'photos/**/*.jpg' --opacity 0.6
+
+INPUT is an image file, a folder (searched recursively for image files) or a
+glob pattern (quote it). For each image ``<name>`` it writes, under
+``--out-dir`` (default ``./inference_out``), keeping sub-folders:
+
+* ``<name>_mask.png``    the predicted classes in the dataset palette
+                         (ADE20K's for the configs here), image size;
+* ``<name>_overlay.png`` the mask blended over the photo (``--opacity``);
+* ``<name>_legend.png``  the classes present, largest first, with their
+                         share of the pixels;
+* ``<name>_panel.png``   with ``--panel``: photo, overlay and legend side
+                         by side in one picture.
+
+The checkpoint is loaded strictly (see docs/inference.md).
+"""
+import argparse
+import glob
+import os
+import os.path as osp
+import sys
+
+import poolformer_seg  # noqa: F401  (must precede mmseg imports)
+import mmcv
+from mmengine.config import DictAction
+from tqdm import tqdm
+
+from poolformer_seg.apis import (colorize_mask, init_model, overlay_mask,
+                                 predict_mask, render_legend, side_by_side,
+                                 write_rgb)
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff',
+                    '.webp')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Segment images; save colour mask, overlay and legend')
+    parser.add_argument('config', help='model config file')
+    parser.add_argument('checkpoint', help='segmentor checkpoint')
+    parser.add_argument('input', help='image file, folder, or glob pattern')
+    parser.add_argument('--out-dir', default='inference_out',
+                        help='output folder (default: ./inference_out)')
+    parser.add_argument('--opacity', type=float, default=0.5,
+                        help='mask opacity in the overlay, 0..1 '
+                        '(default: 0.5)')
+    parser.add_argument('--panel', action='store_true',
+                        help='also write <name>_panel.png: photo | overlay '
+                        '| legend')
+    parser.add_argument('--device', default=None,
+                        help='e.g. cpu, cuda:0 (default: cuda if available)')
+    parser.add_argument('--allow-partial-load', action='store_true',
+                        help='load a checkpoint that lacks some weights, '
+                        'with a warning (default: error)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value')
+    args = parser.parse_args(argv)
+    if not 0. <= args.opacity <= 1.:
+        parser.error(f'--opacity must be in [0, 1], got {args.opacity}')
+    return args
+
+
+def collect_images(pattern: str):
+    """``[(path, name), ...]``: ``name`` is the output name without suffix,
+    relative to the folder (or the common folder of the glob matches)."""
+    if osp.isfile(pattern):
+        paths, root = [pattern], osp.dirname(pattern)
+    elif osp.isdir(pattern):
+        paths = [osp.join(folder, f) for folder, _, files in os.walk(pattern)
+                 for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        root = pattern
+    else:
+        paths = [p for p in glob.glob(pattern, recursive=True)
+                 if osp.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)]
+        root = osp.commonpath([osp.dirname(osp.abspath(p)) for p in paths]) \
+            if paths else ''
+    if not paths:
+        raise FileNotFoundError(f'no image files match {pattern!r} '
+                                f'(extensions: {", ".join(IMAGE_EXTENSIONS)})')
+    paths = sorted(paths)
+    names = [osp.splitext(osp.relpath(osp.abspath(p), osp.abspath(root)))[0]
+             for p in paths]
+    return list(zip(paths, names))
+
+
+def visualize(model, path: str, name: str, out_dir: str, opacity: float,
+              panel: bool):
+    """Segment ``path``; write the output files; return their paths."""
+    # mmcv reads the file exactly as the test pipeline would (BGR); the same
+    # array goes to the model and, as RGB, under the overlay.
+    image_bgr = mmcv.imread(path)
+    if image_bgr is None:
+        raise OSError(f'cannot read image {path}')
+    image = mmcv.bgr2rgb(image_bgr)
+    mask = predict_mask(model, image_bgr)
+    classes = model.dataset_meta['classes']
+    palette = model.dataset_meta['palette']
+    outputs = {
+        'mask': colorize_mask(mask, palette),
+        'overlay': overlay_mask(image, mask, palette, opacity),
+        'legend': render_legend(mask, classes, palette),
+    }
+    if panel:
+        outputs['panel'] = side_by_side(
+            image, outputs['overlay'],
+            render_legend(mask, classes, palette, height=image.shape[0]))
+    files = []
+    for kind, picture in outputs.items():
+        files.append(osp.join(out_dir, f'{name}_{kind}.png'))
+        write_rgb(files[-1], picture)
+    return files
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        images = collect_images(args.input)
+    except FileNotFoundError as err:
+        sys.exit(f'error: {err}')
+    model = init_model(args.config, args.checkpoint, device=args.device,
+                       cfg_options=args.cfg_options,
+                       allow_partial=args.allow_partial_load)
+    written = []
+    for path, name in tqdm(images, desc='segmenting', unit='image',
+                           disable=len(images) == 1):
+        written += visualize(model, path, name, args.out_dir, args.opacity,
+                             args.panel)
+    print(f'wrote {len(written)} files for {len(images)} image(s) to '
+          f'{args.out_dir}')
+
+
+if __name__ == '__main__':
+    main()
