@@ -14,7 +14,7 @@ Fixtures (all session-scoped, so a whole test run pays for them once):
     from ``ade_tiny``, no pretrained init, no data-loader workers, seed 0,
     and ``overrides`` merged last (``Config.merge_from_dict`` keys).
 ``run_tool``
-    ``run_tool(script, *args, timeout=600, env=None, check=True)
+    ``run_tool(script, *args, timeout=1800, env=None, check=True)
     -> CompletedProcess``: runs ``tools/<script>`` with the project's Python
     from the repository root, stdout+stderr captured together as text; with
     ``check`` a non-zero exit fails the test, showing the output tail.
@@ -108,7 +108,7 @@ def make_tiny_config(ade_tiny):
     return make
 
 
-def _run_tool(script, *args, timeout=600, env=None, check=True):
+def _run_tool(script, *args, timeout=1800, env=None, check=True):
     cmd = [sys.executable, osp.join(REPO, 'tools', script), *map(str, args)]
     proc = subprocess.run(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

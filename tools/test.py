@@ -20,7 +20,8 @@ from mmengine.config import Config, DictAction
 from mmengine.dist import is_main_process
 from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.runner import Runner
-from poolformer_seg.engine import adapt_to_cpu_distributed
+from poolformer_seg.engine import (adapt_to_cpu_distributed,
+                                   init_cpu_process_group)
 from poolformer_seg.utils.checkpoint import load_segmentor_checkpoint
 
 
@@ -41,8 +42,9 @@ def parse_args(argv=None):
         '--show', action='store_true', help='show prediction results')
     parser.add_argument(
         '--show-dir',
-        help='directory where painted images will be saved (under '
-        'work_dir/<timestamp>/)')
+        help='directory where the painted predictions are saved (in '
+        'DIR/vis_data/vis_image; every image unless the config sets '
+        'default_hooks.visualization.interval)')
     parser.add_argument(
         '--wait-time', type=float, default=2, help='the interval of show (s)')
     parser.add_argument(
@@ -73,6 +75,9 @@ def trigger_visualization_hook(cfg, args):
         raise SystemExit('--show/--show-dir need default_hooks.visualization '
                          '(e.g. dict(type=\'SegVisualizationHook\'))')
     hooks.visualization.draw = True
+    # mmseg's hook paints every 50th image by default; paint all of them
+    # unless the config says otherwise
+    hooks.visualization.setdefault('interval', 1)
     if args.show:
         hooks.visualization.show = True
         hooks.visualization.wait_time = args.wait_time
@@ -122,6 +127,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = build_config(args)
     notes = adapt_to_cpu_distributed(cfg)
+    notes += init_cpu_process_group(cfg)
     runner = Runner.from_cfg(cfg)
     for note in notes:
         runner.logger.log(logging.INFO, note)

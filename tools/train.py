@@ -14,7 +14,8 @@ import poolformer_seg  # noqa: F401  (must precede mmseg imports; registers)
 import torch
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
-from poolformer_seg.engine import adapt_to_cpu_distributed
+from poolformer_seg.engine import (adapt_to_cpu_distributed,
+                                   init_cpu_process_group)
 
 from mmseg.registry import RUNNERS
 
@@ -85,6 +86,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = build_config(args)
     notes = adapt_to_cpu_distributed(cfg)
+    notes += init_cpu_process_group(cfg)
     if args.amp:
         notes.append(enable_amp(cfg))
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \

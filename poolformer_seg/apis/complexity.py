@@ -52,8 +52,9 @@ def count_flops(model: torch.nn.Module, input_shape: Sequence[int]):
     Returns:
         ``(flops, uncounted)``: ``flops`` is ``{part: FLOPs, ...,
         'total': ...}``, plus ``'other'`` for ops that the tracer attributes
-        to the segmentor itself rather than to a part; ``uncounted`` a :class:`Counter` of the operators
-        that were run but have no FLOP formula (name -> calls).
+        to the segmentor itself rather than to a part; ``uncounted`` a
+        :class:`Counter` of the operators that were run but have no FLOP
+        formula (name -> calls).
     """
     if len(input_shape) != 2 or min(input_shape) < 1:
         raise ValueError(f'input_shape must be (H, W), got {input_shape}')

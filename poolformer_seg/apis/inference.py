@@ -1,7 +1,7 @@
 """Build a segmentor from a config + checkpoint and segment images.
 
     from poolformer_seg.apis import init_model, predict_mask
-    model = init_model('configs/fpn_poolformer_s12_ade20k.py', 'iter_40000.pth')
+    model = init_model('configs/fpn_poolformer_s12_ade20k.py', 'iter.pth')
     mask = predict_mask(model, 'photo.jpg')   # H x W int64, labels 0..149
 
 Differences from ``mmseg.apis`` (same names, same config conventions):
@@ -33,8 +33,8 @@ from mmseg.registry import DATASETS, MODELS
 
 from poolformer_seg.utils.checkpoint import load_segmentor_checkpoint
 
-__all__ = ['build_segmentor', 'init_model', 'inference_model', 'predict_mask', 'load_config',
-           'inference_transforms']
+__all__ = ['build_segmentor', 'init_model', 'inference_model', 'predict_mask',
+           'load_config', 'inference_transforms']
 
 ImageInput = Union[str, Path, np.ndarray]
 
@@ -148,7 +148,8 @@ def inference_transforms(cfg: Config) -> List[dict]:
                                        'LoadImageFromNDArray'):
         raise ValueError(f'the test pipeline must start by loading the image '
                          f'(LoadImageFromFile), got {pipeline[0]}')
-    return [dict(t) for t in pipeline[1:] if t.get('type') != 'LoadAnnotations']
+    return [dict(t) for t in pipeline[1:]
+            if t.get('type') != 'LoadAnnotations']
 
 
 def _load_step(img: ImageInput) -> dict:

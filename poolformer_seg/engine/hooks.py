@@ -14,7 +14,9 @@
   before a checkpoint of it can be written.
 """
 import copy
+import glob
 import math
+import os
 import os.path as osp
 import random
 from typing import Optional
@@ -75,6 +77,16 @@ class SafeCheckpointHook(CheckpointHook):
         # are the runner's `resume` and `load_from` settings.
         if runner._resume and runner._load_from is None:
             runner._load_from = find_resumable_checkpoint(runner.work_dir)
+
+    def before_train(self, runner) -> None:
+        super().before_train(runner)
+        # A run killed during a save leaves its temporary file behind.
+        if is_main_process() and self.backend_args == dict(
+                backend='local_atomic'):
+            for stale in glob.glob(osp.join(self.out_dir, '*.pth.*.tmp')):
+                runner.logger.info(f'removing {stale}, a checkpoint that an '
+                                   'interrupted run did not finish writing')
+                os.remove(stale)
 
     def _save_checkpoint_with_step(self, runner, step, meta) -> None:
         bad = _non_finite_entries(runner.model)

@@ -1,7 +1,9 @@
 """Adjustments that let a GPU config run distributed on CPU-only machines."""
+import datetime
 from typing import List
 
 import torch
+import torch.distributed as torch_dist
 from mmengine.config import Config
 
 
@@ -32,6 +34,8 @@ def adapt_to_cpu_distributed(cfg: Config) -> List[str]:
     * DDP is built without ``device_ids`` (MMEngine passes the local rank,
       which DDP rejects for CPU modules).
 
+    Then call :func:`init_cpu_process_group` before building the Runner.
+
     Returns:
         list[str]: one line per change, for the log.
     """
@@ -51,3 +55,32 @@ def adapt_to_cpu_distributed(cfg: Config) -> List[str]:
             find_unused_parameters=cfg.get('find_unused_parameters', False))
         notes.append('no CUDA: DDP on CPU (device_ids=None)')
     return notes
+
+
+def init_cpu_process_group(cfg: Config) -> List[str]:
+    """Start the process group of a distributed launch without CUDA.
+
+    MMEngine's ``init_dist`` calls ``torch.cuda.set_device`` before it
+    creates the group, which fails without CUDA; the Runner skips
+    ``init_dist`` when a group exists. The group is built from the
+    environment that torchrun sets (only ``--launcher pytorch``) with the
+    backend of ``cfg.env_cfg.dist_cfg`` (see :func:`adapt_to_cpu_distributed`).
+    No-op with CUDA, without a launcher, or when a group exists.
+
+    Returns:
+        list[str]: the log line, if a group was started.
+    """
+    if cfg.get('launcher', 'none') == 'none' or torch.cuda.is_available() \
+            or torch_dist.is_initialized():
+        return []
+    if cfg.launcher != 'pytorch':
+        raise SystemExit(f'without CUDA, distributed runs need '
+                         f'--launcher pytorch (torchrun), got '
+                         f'--launcher {cfg.launcher}')
+    dist_cfg = dict(cfg.env_cfg.dist_cfg)
+    backend = dist_cfg.pop('backend')
+    if 'timeout' in dist_cfg:
+        dist_cfg['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
+    torch_dist.init_process_group(backend=backend, **dist_cfg)
+    return [f'no CUDA: process group started with {backend}, rank '
+            f'{torch_dist.get_rank()} of {torch_dist.get_world_size()}']

@@ -149,10 +149,13 @@ def test_kill_9_during_save(tmp_path):
     assert _pointer(work_dir) == two
     assert load(two)['meta']['iter'] == 2
     assert not osp.exists(osp.join(work_dir, 'iter_4.pth'))
+    half = [f for f in os.listdir(work_dir) if f.endswith('.tmp')]
+    assert len(half) == 1 and half[0].startswith('iter_4.pth.')
     resumed = toy_runner(work_dir, max_iters=8, resume=True)
     resumed.train()
     assert resumed.iter == 8 and is_complete_checkpoint(
         osp.join(work_dir, 'iter_4.pth'))
+    assert not [f for f in os.listdir(work_dir) if f.endswith('.tmp')]
 
 
 def test_resume_falls_back_from_truncated_checkpoint(tmp_path):

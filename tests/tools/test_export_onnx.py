@@ -130,3 +130,30 @@ def test_export_refuses_sliding_window(exported):
             SegmentorForExport(model)
     finally:
         model.test_cfg = dict(mode='whole')
+
+
+def deployment_snippet():
+    """The onnxruntime code block of docs/deployment.md, without its last
+    two lines (which open 's12.onnx' and 'photo.jpg')."""
+    with open(osp.join(osp.dirname(osp.dirname(osp.dirname(
+            osp.abspath(__file__)))), 'docs', 'deployment.md')) as f:
+        text = f.read()
+    block = text.split('```python\n')[1].split('```')[0]
+    return block.split('\nsession = ')[0]
+
+
+def test_docs_snippet_reproduces_predict_mask(exported, tmp_path):
+    model, session, _, _ = exported
+    namespace = {}
+    exec(deployment_snippet(), namespace)
+    namespace.update(LONG_SIDE=512, SHORT_SIDE=128)  # quarter-scale config
+    photo = smooth_image(83, 61, seed=9)
+    path = str(tmp_path / 'photo.png')
+    cv2.imwrite(path, photo)
+    ours = namespace['segment'](session, cv2.imread(path))
+    expected = predict_mask(model, path)
+    assert ours.shape == expected.shape == (83, 61)
+    # the snippet's own resize equals the config's test transforms
+    np.testing.assert_array_equal(namespace['preprocess'](photo),
+                                  preprocess(model.cfg, photo))
+    assert (ours == expected).mean() > 0.999

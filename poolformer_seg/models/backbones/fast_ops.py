@@ -1,8 +1,8 @@
-"""Fused PoolFormer block operations; the math is the plain block's.
+"""Fused PoolFormer block; the math is the plain block's.
 
 Shapes are ``B x C x H x W`` in either memory format; channels_last is the
 fast one on CPU (3x3 average pooling is several times faster in NHWC, and a
-1x1 convolution is then a plain matrix product over the ``B*H*W x C`` rows).
+1x1 convolution is then a plain matrix product over ``B*H*W`` rows of ``C``).
 
 Token mixer. With ``n = GN(x) = g * (x - mu) * r + beta`` (one group: ``mu``
 and ``r = 1 / sqrt(var + eps)`` per sample, ``g``/``beta`` per channel) and
@@ -10,50 +10,36 @@ and ``r = 1 / sqrt(var + eps)`` per sample, ``g``/``beta`` per channel) and
 constant unchanged, so ``P(n) - n = g * r * (P(x) - x)``: the mean and
 ``beta`` cancel. The first half of a block is therefore::
 
-    x + ls1 * (P(n) - n)  ==  x + c * (P(x) - x),   c = ls1 * g * r
+    x1 = x + ls1 * (P(n) - n) = lerp(x, P(x), c),    c = ls1 * g * r
 
-a single ``lerp(x, P(x), c)`` after one statistics pass, instead of
-normalising, pooling, subtracting, scaling and adding. Its backward
-(:class:`_PoolMix`) keeps only ``x`` and recomputes ``P(x)``.
+one pooling and one ``lerp`` after a statistics pass, instead of
+normalising, pooling, subtracting, scaling and adding.
 
 MLP. The GroupNorm affine is folded into ``fc1`` and the layer scale into
-``fc2`` (``W1 (g * n + beta) + b1 = (W1 g) n + (W1 beta + b1)`` and
-``ls2 * (W2 a + b2) = (ls2 W2) a + ls2 b2``), so the MLP half is
-``x + fc2'(gelu(fc1'(n0)))`` with ``n0`` the affine-free GroupNorm.
+``fc2`` (``W1 (g * n0 + beta) + b1 = (W1 g) n0 + (W1 beta + b1)``, ``ls2 *
+(W2 a + b2) = (ls2 W2) a + ls2 b2``), so the second half is ``x1 +
+fc2'(gelu(fc1'(n0)))`` with ``n0`` the affine-free GroupNorm of ``x1``.
 
-GroupNorm(1) statistics do not depend on the order of the elements, so on a
-channels_last tensor they are taken over its ``B x (H*W*C)`` storage, where
-the native kernels are fast (PyTorch's channels_last GroupNorm on CPU is
-about 10x slower than on NCHW).
+Backward (:class:`_Block`). Only the block input ``x`` and per-sample
+statistics are kept; ``x1``, ``n0``, ``fc1'(n0)`` and the GELU are
+recomputed (one extra matrix product, ``fc1``). Autograd on the plain block
+keeps 14 activation-sized tensors (counting the 4x wide MLP ones four
+times), the fused block 1.
 
-Under autocast the residual stream stays in the parameters' dtype (fp32): the
-layer-scaled updates are small next to ``x`` and would be lost if it were
-rounded to bf16/fp16. Statistics are always computed in fp32; the matrix
-products run in the autocast dtype.
+GroupNorm(1) statistics do not depend on the order of the elements, so they
+are taken over the ``B x (C*H*W)`` storage of either layout with the native
+layer-norm kernel; PyTorch's channels_last GroupNorm kernel on CPU is much
+slower than its NCHW one.
+
+Under autocast the residual stream stays in the parameters' dtype (fp32):
+the layer-scaled updates are small next to ``x`` and would be lost if it
+were rounded to bf16/fp16. Statistics are always computed in at least fp32;
+the matrix products run in the autocast dtype.
 """
 import torch
 import torch.nn.functional as F
 
-__all__ = ['group_norm1', 'pool_mix', 'fused_mlp']
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``B x (C*H*W)`` in memory order (a view when possible)."""
-    if x.is_contiguous(memory_format=torch.channels_last) and \
-            not x.is_contiguous():
-        x = x.permute(0, 2, 3, 1)
-    return x.reshape(x.shape[0], -1)
-
-
-def _stats(x: torch.Tensor, eps: float):
-    """Per-sample mean and ``1/sqrt(var + eps)`` in fp32, shape ``B``."""
-    rows = _rows(x)
-    if rows.dtype not in (torch.float32, torch.float64):
-        rows = rows.float()  # low-precision stats would round ``r``
-    with torch.autocast(x.device.type, enabled=False):
-        _, mean, rstd = torch.native_layer_norm(rows, rows.shape[1:], None,
-                                                None, eps)
-    return mean.view(-1), rstd.view(-1)
+__all__ = ['group_norm1', 'fused_block']
 
 
 def group_norm1(x, weight, bias, eps):
@@ -66,9 +52,20 @@ def group_norm1(x, weight, bias, eps):
         return F.group_norm(x, 1, weight, bias, eps)
     nhwc = x.permute(0, 2, 3, 1)
     out = F.layer_norm(nhwc, nhwc.shape[1:], None, None, eps)
-    if weight is not None:
-        out = torch.addcmul(bias.to(out.dtype), out, weight.to(out.dtype))
+    out = torch.addcmul(bias.to(out.dtype), out, weight.to(out.dtype))
     return out.permute(0, 3, 1, 2)
+
+
+def _stats(x, eps):
+    """Per-sample mean and ``1/sqrt(var + eps)``, shape ``B``."""
+    rows = x.permute(0, 2, 3, 1) if x.is_contiguous(
+        memory_format=torch.channels_last) else x
+    rows = rows.reshape(x.shape[0], -1)
+    if rows.dtype not in (torch.float32, torch.float64):
+        rows = rows.float()  # low-precision statistics would round ``r``
+    _, mean, rstd = torch.native_layer_norm(rows, rows.shape[1:], None, None,
+                                            eps)
+    return mean.view(-1), rstd.view(-1)
 
 
 def _pool(x, pool_size):
@@ -76,73 +73,115 @@ def _pool(x, pool_size):
                         count_include_pad=False)
 
 
-class _PoolMix(torch.autograd.Function):
-    """``x + coef * r * (P(x) - x)``; see the module docstring.
+def _per_sample(v, x):
+    return v.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
 
-    ``coef`` is ``B x C`` (``ls1 * g``, times a drop-path factor per
-    sample); ``beta`` (the norm bias) does not change the result, so its
-    gradient is exactly zero. It is an input so that the parameter takes
-    part in the graph, as DistributedDataParallel expects.
+
+def _compute_dtype(x):
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class _Block(torch.autograd.Function):
+    """A whole block; see the module docstring.
+
+    Inputs: ``x`` (residual dtype); ``coef`` ``B x C`` = ``ls1 * g1`` times
+    the mixer's drop-path factor per sample; ``beta`` the norm1 bias, which
+    does not change the result (its gradient is exactly zero; it is an input
+    so that the parameter takes part in the graph, as
+    DistributedDataParallel expects); folded ``w1, b1, w2, b2``; ``keep`` the
+    MLP branch's drop-path factor per sample, or None.
     """
 
     @staticmethod
-    def forward(ctx, x, coef, beta, pool_size, eps):
-        mean, rstd = _stats(x, eps)
-        c = coef * rstd[:, None]
-        out = torch.lerp(x, _pool(x, pool_size), c[..., None, None].to(x.dtype))
-        ctx.save_for_backward(x, coef, beta, mean, rstd)
-        ctx.pool_size = pool_size
+    def forward(ctx, x, coef, beta, w1, b1, w2, b2, keep, pool_size, eps1,
+                eps2):
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            w1, b1, w2, b2 = (t.to(dtype) for t in (w1, b1, w2, b2))
+            mean1, rstd1 = _stats(x, eps1)
+            c = _per_sample(rstd1, x) * coef[..., None, None].to(x.dtype)
+            pooled = _pool(x, pool_size)
+            x1 = torch.lerp(x, pooled, c, out=pooled)  # reuses the buffer
+            rows = x1.permute(0, 2, 3, 1)
+            n0, mean2, rstd2 = torch.native_layer_norm(
+                rows, rows.shape[1:], None, None, eps2)
+            h = F.linear(n0.to(dtype), w1, b1)
+            y = F.linear(torch.ops.aten.gelu_(h), w2, b2)
+            y = y.permute(0, 3, 1, 2)
+            if keep is not None:
+                y = y * _per_sample(keep, y)
+            out = x1.add_(y)
+        ctx.save_for_backward(x, coef, beta, w1, b1, w2, keep, mean1, rstd1,
+                              mean2, rstd2)
+        ctx.pool_size, ctx.dtype = pool_size, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, coef, beta, mean, rstd = ctx.saved_tensors
-        k = ctx.pool_size
-        c = (coef * rstd[:, None])[..., None, None].to(x.dtype)
-        diff = _pool(x, k).sub_(x)  # P(x) - x, recomputed
-        # dL/d(coef * r) per sample and channel
-        s = diff.mul_(grad).sum(dim=(2, 3),
-                                dtype=torch.promote_types(x.dtype,
-                                                          torch.float32))
-        grad_coef = s * rstd[:, None] if ctx.needs_input_grad[1] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            gc = grad * c
+        (x, coef, beta, w1, b1, w2, keep, mean1, rstd1, mean2,
+         rstd2) = ctx.saved_tensors
+        k, dtype = ctx.pool_size, ctx.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            # recompute the forward up to the GELU input
+            c = _per_sample(rstd1, x) * coef[..., None, None].to(x.dtype)
+            diff = _pool(x, k)
+            x1 = torch.lerp(x, diff, c)
+            diff.sub_(x)  # P(x) - x
+            rows = x1.permute(0, 2, 3, 1)
+            n0 = ((rows - _per_sample(mean2, rows)) *
+                  _per_sample(rstd2, rows)).to(dtype)
+            del x1
+            h = F.linear(n0, w1, b1)
+            # MLP branch
+            g = grad if keep is None else grad * _per_sample(keep, grad)
+            g = g.permute(0, 2, 3, 1).to(dtype).reshape(-1, w2.shape[0])
+            h = h.view(g.shape[0], -1)
+            grad_w2 = g.t().mm(F.gelu(h))
+            grad_b2 = g.sum(0)
+            grad_h = torch.ops.aten.gelu_backward(g.mm(w2), h)
+            del h, g
+            grad_w1 = grad_h.t().mm(n0.reshape(grad_h.shape[0], -1))
+            grad_b1 = grad_h.sum(0)
+            grad_n0 = grad_h.mm(w1).view(rows.shape).to(x.dtype)
+            del grad_h, n0
+            grad_x1 = torch.ops.aten.native_layer_norm_backward(
+                grad_n0, rows, rows.shape[1:], mean2, rstd2, None, None,
+                [True, False, False])[0].permute(0, 3, 1, 2)
+            grad_x1 += grad  # residual
+            # token mixer: x1 = x + c * (P(x) - x), c = coef * r
+            acc = torch.promote_types(x.dtype, torch.float32)
+            s = diff.mul_(grad_x1).sum(dim=(2, 3), dtype=acc)  # dL/dc
+            gc = grad_x1 * c
             grad_x = torch.ops.aten.avg_pool2d_backward(
                 gc, x, [k, k], [1, 1], [k // 2, k // 2], False, False, None)
-            grad_x.add_(grad).sub_(gc)
+            grad_x.add_(grad_x1).sub_(gc)
             # through r = (var + eps)^-1/2: dr/dx = -r^3 (x - mu) / N
-            n = x[0].numel()
-            a = (s * coef).sum(1) * rstd.pow(3) * (-1. / n)
-            grad_x.add_((x - mean.view(-1, 1, 1, 1).to(x.dtype)) *
-                        a.view(-1, 1, 1, 1).to(x.dtype))
-        grad_beta = torch.zeros_like(beta) if ctx.needs_input_grad[2] \
-            else None
-        return grad_x, grad_coef, grad_beta, None, None
+            a = (s * coef).sum(1) * rstd1.pow(3) / -x[0].numel()
+            grad_x.addcmul_(x - _per_sample(mean1, x), _per_sample(a, x))
+        return (grad_x, s * rstd1[:, None], torch.zeros_like(beta), grad_w1,
+                grad_b1, grad_w2, grad_b2, None, None, None, None)
 
 
-def pool_mix(x, coef, beta, pool_size: int, eps: float):
-    """The token-mixer half of a block: ``x + ls1 * (P(GN(x)) - GN(x))``.
+def fused_block(x, norm1, norm2, fc1, fc2, ls1, ls2, pool_size, drop=None):
+    """``x + ls1 * (P(n1(x)) - n1(x))``, then ``+ ls2 * mlp(n2(.))``.
 
     Args:
-        x: ``B x C x H x W``, cast to ``coef``'s dtype (the residual dtype).
-        coef: ``B x C`` product ``ls1 * g`` (times drop-path factors).
-        beta: the GroupNorm bias (no effect on the value; see
-            :class:`_PoolMix`).
+        x: ``B x C x H x W``; computed in the parameters' dtype.
+        norm1, norm2: GroupNorm(1) modules; fc1, fc2: 1x1 convolutions.
+        ls1, ls2: layer scales ``C``; pool_size: odd pooling window.
+        drop: ``(mixer, mlp)`` drop-path factors ``B`` (0 or 1/keep), or
+            None.
     """
-    return _PoolMix.apply(x.to(coef.dtype), coef, beta, pool_size, eps)
-
-
-def fused_mlp(x, norm, fc1, fc2, layer_scale):
-    """``layer_scale * fc2(gelu(fc1(GN(x))))`` with folded affines.
-
-    ``norm`` is a GroupNorm(1); ``fc1``/``fc2`` 1x1 convolutions. The result
-    is channels_last when ``x`` is; it is the branch only (no residual).
-    """
-    nhwc = x.permute(0, 2, 3, 1)
-    n0 = F.layer_norm(nhwc, nhwc.shape[1:], None, None, norm.eps)
+    coef = (ls1 * norm1.weight).expand(x.shape[0], -1)
+    keep = None
+    if drop is not None:
+        coef, keep = coef * drop[0][:, None], drop[1]
     w1 = fc1.weight.flatten(1)
-    h = F.linear(n0, w1 * norm.weight, torch.addmv(fc1.bias, w1, norm.bias))
-    w2 = fc2.weight.flatten(1) * layer_scale[:, None]
-    y = F.linear(F.gelu(h), w2, fc2.bias * layer_scale)
-    return y.permute(0, 3, 1, 2)
+    return _Block.apply(
+        x.to(coef.dtype), coef, norm1.bias, w1 * norm2.weight,
+        torch.addmv(fc1.bias, w1, norm2.bias),
+        fc2.weight.flatten(1) * ls2[:, None], fc2.bias * ls2, keep,
+        pool_size, norm1.eps, norm2.eps)

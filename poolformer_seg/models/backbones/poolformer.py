@@ -36,7 +36,7 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 
 from ...utils.checkpoint import upstream_keys_pre_hook
-from .fast_ops import fused_mlp, group_norm1, pool_mix
+from .fast_ops import fused_block, group_norm1
 
 # Published variants. `layer_scale_init_value` is 1e-6 for the deeper ones.
 ARCH_SETTINGS: Dict[str, dict] = {
@@ -146,8 +146,9 @@ class PoolFormerBlock(nn.Module):
     """One MetaFormer block with pooling as token mixer; shape-preserving.
 
     With ``fused=True`` (GroupNorm(1) norms only) the same function is
-    computed by :mod:`.fast_ops`: a single pass for the token-mixer half and
-    the norm affines and layer scales folded into the 1x1 convolutions.
+    computed by :func:`.fast_ops.fused_block`: the token-mixer half as one
+    pooling and one ``lerp``, the norm affines and layer scales folded into
+    the 1x1 convolutions, and a backward that keeps only the block input.
     """
 
     def __init__(self, channels, mlp_ratio, pool_size, norm_cfg,
@@ -174,20 +175,17 @@ class PoolFormerBlock(nn.Module):
         return x + self.drop_path(scale2 * self.mlp(self.norm2(x)))
 
     def _forward_fused(self, x):
-        norm1 = self.norm1
-        coef = (self.layer_scale1 * norm1.weight).expand(x.shape[0], -1)
+        drop = None
         if self.training and isinstance(self.drop_path, DropPath):
-            # DropPath scales the whole branch per sample: fold it into coef
-            # (drawn as DropPath draws it, so the random stream is the same)
+            # DropPath scales a whole branch per sample: the factors go into
+            # the fused block, drawn as DropPath draws them (same stream)
             keep = 1 - self.drop_path.drop_prob
-            draw = keep + torch.rand((x.shape[0], 1), dtype=coef.dtype,
-                                     device=x.device)
-            coef = coef * draw.floor() / keep
-        x = pool_mix(x, coef, norm1.bias, self.token_mixer.pool_size,
-                     norm1.eps)
-        return x + self.drop_path(
-            fused_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2,
-                      self.layer_scale2))
+            drop = [(keep + torch.rand(x.shape[0], device=x.device,
+                                       dtype=self.layer_scale1.dtype)
+                     ).floor_() / keep for _ in range(2)]
+        return fused_block(x, self.norm1, self.norm2, self.mlp.fc1,
+                           self.mlp.fc2, self.layer_scale1, self.layer_scale2,
+                           self.token_mixer.pool_size, drop)
 
 
 class PoolFormerStage(nn.Module):
