@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     'ftfy',    # imported by mmseg 1.2.2 but missing from its metadata
     'regex',   # same (open-mmlab/mmsegmentation#3704)
     'opencv-python-headless',
+    'Pillow',  # image validation (poolformer_seg/datasets/validation.py)
     'safetensors',
     'matplotlib',
     'tqdm',

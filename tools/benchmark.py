@@ -388,7 +388,6 @@ def agreement(models, images, samples, dtypes, device):
 
 
 def run(args, argv):
-    torch.set_num_threads(args.threads)
     device = args.device
     models = build_pair(args, device)
     num_classes = models['ours'].decode_head.num_classes
@@ -592,10 +591,14 @@ def plot(report, path):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.probe:
-        torch.set_num_threads(args.threads)
-        return run_probe(json.loads(args.probe), args)
-    report = run(args, argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        if args.probe:
+            return run_probe(json.loads(args.probe), args)
+        report = run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(report, f, indent=1)

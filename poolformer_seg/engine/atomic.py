@@ -63,7 +63,7 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> None:
 
 
 class AtomicLocalBackend(LocalBackend):
-    """mmengine ``LocalBackend`` whose writes go through :func:`atomic_write`."""
+    """mmengine ``LocalBackend`` writing through :func:`atomic_write`."""
 
     def put(self, obj: bytes, filepath: Union[str, Path]) -> None:
         atomic_write(filepath, obj)

@@ -17,7 +17,7 @@ from poolformer_seg.engine import (NonFiniteError, SafeCheckpointHook,
                                    is_complete_checkpoint)
 from poolformer_seg.utils.safe_load import load
 from tests.engine.test_atomic import fail_half_way
-from tests.engine.toy_runner import final_weights, toy_runner
+from tests.engine.toy_runner import final_weights, stop_workers, toy_runner
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -49,8 +49,9 @@ def test_resume_is_exact(tmp_path, uninterrupted, num_workers):
     The resumed run is started without a seed (mmseg's default), so it also
     checks that the data order follows the checkpoint's seed.
     """
-    toy_runner(tmp_path, max_iters=4, val=True,
-               num_workers=num_workers).train()
+    first = toy_runner(tmp_path, max_iters=4, val=True,
+                       num_workers=num_workers)
+    first.train()
     resumed = toy_runner(tmp_path, max_iters=8, val=True, resume=True,
                          seed=None, num_workers=num_workers)
     resumed.train()
@@ -62,6 +63,7 @@ def test_resume_is_exact(tmp_path, uninterrupted, num_workers):
         reference.train()
         _assert_equal_weights(final_weights(resumed),
                               final_weights(reference))
+        stop_workers(first, resumed, reference)
 
 
 def test_resume_without_rng_hook_differs(tmp_path, uninterrupted):

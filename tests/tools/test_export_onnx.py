@@ -124,12 +124,13 @@ def test_shape_upsample_equals_mmseg_upsample(size):
 
 def test_export_refuses_sliding_window(exported):
     model = exported[0]
+    whole = model.test_cfg
     model.test_cfg = dict(mode='slide', crop_size=(64, 64), stride=(32, 32))
     try:
         with pytest.raises(ValueError, match='mode="whole"'):
             SegmentorForExport(model)
     finally:
-        model.test_cfg = dict(mode='whole')
+        model.test_cfg = whole
 
 
 def deployment_snippet():

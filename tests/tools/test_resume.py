@@ -1,4 +1,5 @@
-"""Resume through tools/train.py on the real segmentor: exact, even after kill -9.
+"""Resume through tools/train.py on the real segmentor: exact, even after
+kill -9.
 
 The runs use configs/fpn_poolformer_s12_ade20k.py at quarter scale on the
 generated ADE20K data (``make_tiny_config``), with a tiny custom PoolFormer

@@ -24,6 +24,7 @@ see :mod:`poolformer_seg.utils.checkpoint` for the key mapping.
 """
 import copy
 import difflib
+import functools
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
@@ -36,7 +37,7 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 
 from ...utils.checkpoint import upstream_keys_pre_hook
-from .fast_ops import fused_block, group_norm1
+from .fast_ops import fused_block
 
 # Published variants. `layer_scale_init_value` is 1e-6 for the deeper ones.
 ARCH_SETTINGS: Dict[str, dict] = {
@@ -236,7 +237,21 @@ class PoolFormer(BaseModule):
         drop_path_rate (float): stochastic depth, rising linearly from 0 at
             the first block to this value at the last. Default 0.
         with_cp (bool): gradient checkpointing per block: saves activation
-            memory at the cost of a second forward. Default False.
+            memory at the cost of a second forward. Default False. (With
+            ``fused=True`` a block already keeps only its input.)
+        fused (bool): compute each block with the fused operations of
+            :mod:`.fast_ops` (same math, fewer passes over memory, and a
+            backward that keeps only the block input and recomputes the
+            rest, one extra 1x1 convolution). Needs GroupNorm(1) norms (the
+            default ``norm_cfg``). Default False.
+        channels_last (bool): run in the channels_last memory format: the
+            weights are converted and the input is converted on entry. The
+            outputs stay channels_last, so the neck and head convolutions
+            run in it too. Much faster on CPU. Default False.
+        compile (bool): run the forward through ``torch.compile`` (inductor;
+            compiled on the first call and again for new input shapes).
+            Cannot be combined with ``fused`` (inductor fuses the plain
+            block itself). Default False.
         init_cfg (dict | list[dict], optional): ``dict(type='Pretrained',
             checkpoint=PATH_OR_URL)`` loads weights of any published layout
             (converted on the fly; missing and unexpected keys reported).
@@ -258,6 +273,7 @@ class PoolFormer(BaseModule):
                  with_cp: bool = False,
                  fused: bool = False,
                  channels_last: bool = False,
+                 compile: bool = False,
                  init_cfg=None):
         if init_cfg is None:
             init_cfg = [
@@ -278,8 +294,12 @@ class PoolFormer(BaseModule):
         self.norm_eval = norm_eval
         self.with_cp = with_cp
         self.in_channels = in_channels
+        if fused and compile:
+            raise ValueError('fused=True and compile=True exclude each other: '
+                             'inductor fuses the plain block itself')
         self.fused = fused
         self.channels_last = channels_last
+        self.use_compile = compile  # ``compile`` is an nn.Module method
 
         a = self.arch
         dims = a['embed_dims']
@@ -332,14 +352,13 @@ class PoolFormer(BaseModule):
         return tuple(sorted(resolved))
 
     def _check_fusable(self):
-        for name, module in self.named_modules():
-            if name.endswith(('norm1', 'norm2')) or name.startswith('norm'):
-                if not (isinstance(module, nn.GroupNorm)
-                        and module.num_groups == 1 and module.affine):
-                    raise ValueError(
-                        'fused=True needs GroupNorm(1) norms with affine '
-                        f'parameters (norm_cfg=dict(type="GN", num_groups=1)'
-                        f'), but {name} is {module}')
+        norm = self.stages[0].blocks[0].norm1
+        if not (isinstance(norm, nn.GroupNorm) and norm.num_groups == 1
+                and norm.affine):
+            raise ValueError(
+                'fused=True needs GroupNorm(1) block norms with affine '
+                'parameters (norm_cfg=dict(type="GN", num_groups=1)), got '
+                f'{norm}')
 
     @property
     def min_input_size(self) -> int:
@@ -378,12 +397,14 @@ class PoolFormer(BaseModule):
         return features
 
     def forward(self, x) -> Tuple[torch.Tensor, ...]:
+        if self.use_compile:
+            return _compiled_forward()(self, x)
+        return self._forward(x)
+
+    def _forward(self, x) -> Tuple[torch.Tensor, ...]:
         features = self.stage_features(x)
-        norms = [getattr(self, f'norm{i}') for i in self.out_indices]
-        if self.fused:
-            return tuple(group_norm1(f, n.weight, n.bias, n.eps)
-                         for n, f in zip(norms, features))
-        return tuple(n(f) for n, f in zip(norms, features))
+        return tuple(getattr(self, f'norm{i}')(feature)
+                     for i, feature in zip(self.out_indices, features))
 
     def _frozen_modules(self) -> List[nn.Module]:
         if self.frozen_stages < 0:
@@ -420,3 +441,11 @@ class PoolFormer(BaseModule):
             self._is_init = True
             return
         super().init_weights()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_forward():
+    # Compiled lazily and held here rather than on the module, so that
+    # copies of a model never call the original's compiled method. Dynamo
+    # guards on the module it is given, so each instance gets its graph.
+    return torch.compile(PoolFormer._forward)

@@ -1,0 +1,262 @@
+"""The optional fast paths of PoolFormer compute the plain path's function.
+
+``fused`` (:mod:`poolformer_seg.models.backbones.fast_ops`, with a custom
+backward), ``channels_last`` and ``compile`` are each compared with the plain
+NCHW eager backbone on the same weights: outputs and every gradient, in
+float64 where the comparison is about the math and in float32 at the
+1e-5 level otherwise; bf16 autocast against fp32.
+"""
+import pytest
+import torch
+
+from poolformer_seg import PoolFormer
+from poolformer_seg.models.backbones.fast_ops import _Block
+from poolformer_seg.models.backbones.poolformer import PoolFormerBlock
+from tests.helpers.upstream import randomize_
+
+TINY = dict(layers=[2, 1, 2, 1], embed_dims=[16, 32, 48, 64])
+GN1 = dict(type='GN', num_groups=1)
+
+
+def make_block(channels=6, drop_path=0., dtype=torch.float64, seed=0):
+    block = PoolFormerBlock(channels, 4, 3, GN1, .5, drop_path).to(dtype)
+    return randomize_(block, seed)
+
+
+def make_pair(seed=0, **kwargs):
+    """Plain backbone and one with ``kwargs``, same random weights."""
+    plain = randomize_(PoolFormer(TINY, init_cfg=None), seed)
+    fast = PoolFormer(TINY, init_cfg=None, **kwargs)
+    fast.load_state_dict(plain.state_dict())
+    return plain, fast
+
+
+def image(batch=2, size=(45, 61), seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *size, generator=gen, dtype=dtype)
+
+
+def outputs_and_grads(model, x, seed=0):
+    """Outputs, and gradients of a fixed random projection of them."""
+    x = x.clone().requires_grad_()
+    outs = model(x)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+               for o in outs)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    grads['input'] = x.grad
+    return [o.detach() for o in outs], grads
+
+
+def assert_same(a, b, atol, grad_rtol):
+    """Outputs within ``atol``; each gradient within ``grad_rtol`` of its
+    norm (gradients sum over every pixel, so float32 summation order alone
+    moves single small entries by more than an elementwise tolerance)."""
+    outs_a, grads_a = a
+    outs_b, grads_b = b
+    for i, (u, v) in enumerate(zip(outs_a, outs_b)):
+        torch.testing.assert_close(u, v, atol=atol, rtol=0,
+                                   msg=lambda m: f'out {i}: {m}')
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert grads_a[name] is not None, f'{name} got no gradient'
+        err = (grads_a[name] - grads_b[name]).norm()
+        scale = grads_b[name].norm()
+        if name.endswith('norm1.bias'):
+            # zero in exact arithmetic: 0 vs float rounding noise
+            scale = max(grads_b[name].norm(), grads_b['input'].norm())
+        assert err <= grad_rtol * scale, f'grad {name}: {err} vs {scale}'
+
+
+# ----------------------------------------------------------------------------
+# The fused block: exact in float64, custom backward checked numerically
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('drop_path', [0., .4])
+def test_fused_block_equals_plain_block_float64(channels_last, drop_path):
+    block = make_block(drop_path=drop_path).train()
+    x = torch.randn(3, 6, 5, 7, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    results = []
+    for fused in (False, True):
+        block.fused = fused
+        torch.manual_seed(1)  # drop-path draws: the same random stream
+        xi = x.clone().requires_grad_()
+        out = block(xi)
+        grads = torch.autograd.grad(
+            out, [xi] + list(block.parameters()),
+            torch.linspace(-1, 1, out.numel(), dtype=out.dtype)
+            .view_as(out))
+        results.append((out, grads))
+    (out_p, grads_p), (out_f, grads_f) = results
+    if drop_path:  # the draw really dropped a branch for some sample
+        assert not torch.equal(out_p, block.eval()(x))
+    torch.testing.assert_close(out_f, out_p, atol=1e-12, rtol=1e-12)
+    names = ['x'] + [n for n, _ in block.named_parameters()]
+    for name, gp, gf in zip(names, grads_p, grads_f):
+        torch.testing.assert_close(gf, gp, atol=1e-12, rtol=1e-12,
+                                   msg=lambda m: f'{name}: {m}')
+
+
+def test_fused_block_backward_passes_gradcheck():
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64,
+                           requires_grad=True)
+    x = rand(2, 5, 4, 6).detach().contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    inputs = (x, rand(2, 5), rand(5), rand(20, 5), rand(20), rand(5, 20),
+              rand(5))
+    keep = torch.tensor([0., 2.], dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda *a: _Block.apply(*a, keep, 3, 1e-5, 1e-5), inputs)
+
+
+def test_fused_block_keeps_only_its_input_for_backward():
+    """The memory-lean backward: about one activation saved, not 14."""
+    x = torch.randn(2, 16, 48, 48, requires_grad=True)
+
+    def saved_bytes(fused):
+        block = make_block(16, dtype=torch.float32)
+        block.fused = fused
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = \
+                t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x)
+        return sum(storages.values())
+    activation = x.numel() * x.element_size()
+    plain, fused = saved_bytes(False), saved_bytes(True)
+    assert plain >= 13 * activation
+    assert fused < 1.2 * activation
+
+
+def test_fused_norm1_bias_gets_an_explicit_zero_gradient():
+    """It cannot change the output, but must take part (DDP)."""
+    block = make_block().train()
+    block.fused = True
+    block(torch.randn(2, 6, 5, 5, dtype=torch.float64)).sum().backward()
+    assert block.norm1.bias.grad is not None
+    assert torch.count_nonzero(block.norm1.bias.grad) == 0
+
+
+# ----------------------------------------------------------------------------
+# Whole backbone, float32
+
+
+FAST_OPTIONS = [dict(fused=True), dict(channels_last=True),
+                dict(fused=True, channels_last=True)]
+
+
+@pytest.mark.parametrize('options', FAST_OPTIONS, ids=str)
+def test_fast_backbone_equals_plain_fp32(options):
+    plain, fast = make_pair(**options)
+    x = image()
+    plain.train(), fast.train()
+    assert_same(outputs_and_grads(fast, x), outputs_and_grads(plain, x),
+                atol=1e-5, grad_rtol=1e-5)
+    plain.eval(), fast.eval()
+    with torch.no_grad():
+        for a, b in zip(fast(x), plain(x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_with_drop_path_and_frozen_stages_equals_plain():
+    options = dict(drop_path_rate=.3, frozen_stages=2)
+    plain = randomize_(PoolFormer(TINY, init_cfg=None, **options), 0)
+    fast = PoolFormer(TINY, init_cfg=None, fused=True, **options)
+    fast.load_state_dict(plain.state_dict())
+    x = image()
+    results = []
+    for model in (plain, fast):
+        torch.manual_seed(3)  # the same drop-path draws
+        results.append(outputs_and_grads(model.train(), x))
+    for _, grads in results:
+        frozen = sorted(n for n, g in grads.items() if g is None)
+        assert frozen == sorted(
+            n for n, _ in plain.named_parameters()
+            if n.startswith(('stem.', 'stages.0.', 'stages.1.', 'norm0.',
+                             'norm1.')))
+        for name in frozen:
+            grads.pop(name)
+    assert_same(results[1], results[0], atol=1e-5, grad_rtol=1e-5)
+
+
+def test_channels_last_runs_and_returns_channels_last():
+    _, fast = make_pair(channels_last=True)
+    assert fast.stem.proj.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        outs = fast.eval()(image())  # NCHW input, converted on entry
+    assert all(o.is_contiguous(memory_format=torch.channels_last)
+               for o in outs)
+
+
+def test_fused_needs_groupnorm1_and_excludes_compile():
+    with pytest.raises(ValueError, match='GroupNorm'):
+        PoolFormer(TINY, fused=True, norm_cfg=dict(type='BN'))
+    with pytest.raises(ValueError, match='GroupNorm'):
+        PoolFormer(TINY, fused=True, norm_cfg=dict(type='GN', num_groups=2))
+    with pytest.raises(ValueError, match='exclude'):
+        PoolFormer(TINY, fused=True, compile=True)
+
+
+# ----------------------------------------------------------------------------
+# bf16 autocast
+
+
+def test_fused_bf16_autocast_keeps_fp32_residual_and_tracks_fp32():
+    plain, fast = make_pair(fused=True, channels_last=True)
+    x = image(batch=1, size=(64, 64))
+    with torch.no_grad():
+        want = plain.eval()(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            got = fast.eval()(x)
+            ref = plain(x)
+    for g, w, r in zip(got, want, ref):
+        assert g.dtype == torch.float32  # GroupNorm outputs, fp32 stream
+        err = (g - w).norm() / w.norm()
+        assert err < 2e-2
+        # no worse than autocast on the plain block (bf16 matmuls in both)
+        assert err < 1.5 * (r.float() - w).norm() / w.norm() + 1e-3
+
+
+def test_fused_bf16_training_step_gives_finite_close_gradients():
+    plain, fast = make_pair(fused=True, channels_last=True)
+    x = image(batch=2, size=(48, 48))
+    want = outputs_and_grads(plain.train(), x)[1]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = outputs_and_grads(fast.train(), x)[1]
+    for name, g in got.items():
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
+        err = (g - want[name]).norm() / (want[name].norm() + 1e-12)
+        if 'norm1.bias' not in name:  # exactly 0 vs rounding noise
+            assert err < 5e-2, f'{name}: relative error {err:.3g}'
+
+
+# ----------------------------------------------------------------------------
+# torch.compile (inductor has had GroupNorm correctness bugs:
+# pytorch/pytorch#181696, #183120, #141541)
+
+
+def test_compiled_backbone_equals_eager():
+    arch = dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32])
+    eager = randomize_(PoolFormer(arch, init_cfg=None), 0)
+    compiled = PoolFormer(arch, init_cfg=None, compile=True,
+                          channels_last=True)
+    compiled.load_state_dict(eager.state_dict())
+    x = image(batch=2, size=(64, 64))
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        for a, b in zip(compiled(x), eager(x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    eager.train(), compiled.train()
+    assert_same(outputs_and_grads(compiled, x), outputs_and_grads(eager, x),
+                atol=1e-5, grad_rtol=1e-5)

@@ -1,0 +1,108 @@
+"""tools/benchmark.py: report structure, agreement check, outputs.
+
+Timings are not checked (they depend on the machine); the structure of the
+report, the output-agreement check against the mmpretrain reference and the
+Markdown/plot/JSON files are. Small inputs, one or two runs each.
+"""
+import json
+
+import matplotlib.image
+import pytest
+import torch
+
+from tests.conftest import S12_CONFIG
+
+FAST = ['--channels-last', '--cfg-options', 'model.backbone.fused=True']
+
+
+@pytest.fixture(scope='module')
+def bench(load_tool):
+    return load_tool('benchmark.py')
+
+
+@pytest.fixture(scope='module')
+def report(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench')
+    argv = [S12_CONFIG, '--sizes', '64x64', '96x80', '--batch-sizes', '1',
+            '--dtype', 'fp32', 'bf16', '--modes', 'infer', 'train',
+            '--repeats', '2', '--warmup', '0', '--threads', '1',
+            '--no-memory', '--json', str(out / 'r.json'),
+            '--markdown', str(out / 'r.md'), '--plot', str(out / 'r.png'),
+            *FAST]
+    bench.main(argv)
+    with open(out / 'r.json') as f:
+        return json.load(f), out
+
+
+def test_report_has_every_variant_with_medians_and_ratios(report):
+    data, _ = report
+    records = data['records']
+    keys = {(r['mode'], tuple(r['size']), r['model'], r['dtype'])
+            for r in records}
+    assert len(records) == len(keys) == 2 * 2 * 2 * 2
+    for r in records:
+        assert len(r['times_ms']) == 2
+        assert r['median_ms'] > 0 and r['min_ms'] <= r['median_ms']
+        assert r['images_per_s'] == pytest.approx(1e3 / r['median_ms'])
+        ref = next(q for q in records if q['model'] == 'reference'
+                   and q['dtype'] == 'fp32' and q['mode'] == r['mode']
+                   and q['size'] == r['size'])
+        assert r['speedup_vs_ref_fp32'] == pytest.approx(
+            ref['median_ms'] / r['median_ms'])
+    env = data['environment']
+    assert env['channels_last'] and env['threads'] == 1
+    assert {(s['model'], s['dtype'], s['mode']) for s in data['scaling']} \
+        == {(m, d, mode) for m in ('ours', 'reference')
+            for d in ('fp32', 'bf16') for mode in ('infer', 'train')}
+
+
+def test_agreement_with_reference_and_fp32(report):
+    data, _ = report
+    assert [c['size'] for c in data['agreement']] == [[64, 64], [96, 80]]
+    for check in data['agreement']:
+        results = check['results']
+        ours = results['ours/fp32']
+        assert ours['max_abs_diff_to_reference'] < 1e-4
+        assert ours['max_abs_logit'] > 1  # not a vacuous comparison
+        assert ours['argmax_equal_to_reference'] > .999
+        for variant in ('ours/bf16', 'reference/bf16'):
+            assert .9 < results[variant]['argmax_equal_to_fp32'] <= 1
+            assert results[variant]['max_abs_diff_to_fp32'] > 0
+
+
+def test_markdown_and_plot_files(report):
+    data, out = report
+    text = (out / 'r.md').read_text()
+    assert '| mode | size | batch | model | dtype | median ms |' in text
+    assert text.count('| infer | 64x64 | 1 |') == 4
+    assert '## Output agreement' in text and '## Cost against pixels' in text
+    assert data['environment']['command'].startswith(
+        'python tools/benchmark.py')
+    image = matplotlib.image.imread(str(out / 'r.png'))
+    assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
+
+
+def test_agreement_check_catches_different_weights(bench):
+    """The check compares real outputs: perturbed weights are caught."""
+    args = bench.parse_args([S12_CONFIG, '--threads', '1', *FAST])
+    models = bench.build_pair(args, 'cpu')
+    with torch.no_grad():
+        models['reference'].backbone.network[0][0].layer_scale_1.mul_(1.5)
+    images, samples = bench.make_inputs(1, (64, 64), 150, 'cpu', 0)
+    result = bench.agreement(models, images, samples, ['fp32'], 'cpu')
+    assert result['ours/fp32']['max_abs_diff_to_reference'] > 1e-2
+
+
+def test_memory_probe_reports_peak(run_tool, tmp_path):
+    out = tmp_path / 'm.json'
+    run_tool('benchmark.py', S12_CONFIG, '--sizes', '64x64', '--dtype',
+             'fp32', '--modes', 'train', '--repeats', '1', '--warmup', '0',
+             '--threads', '1', '--no-reference', '--json', out, *FAST)
+    (record, ) = json.loads(out.read_text())['records']
+    assert record['model'] == 'ours'
+    assert 0 < record['peak_delta_mb'] < record['peak_mb']
+
+
+def test_bad_size_is_rejected(run_tool):
+    proc = run_tool('benchmark.py', S12_CONFIG, '--sizes', '512', check=False)
+    assert proc.returncode == 2 and 'HEIGHTxWIDTH' in proc.stdout
