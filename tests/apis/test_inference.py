@@ -15,7 +15,7 @@ from poolformer_seg.apis import (inference_model, init_model, predict_mask,
                                  inference_transforms)
 from poolformer_seg.utils.checkpoint import CheckpointMismatchError
 
-from .tiny import TINY_MODEL, save_random_checkpoint
+from tests.apis.tiny import TINY_MODEL, save_random_checkpoint
 
 
 @pytest.fixture(scope='module')

@@ -16,9 +16,8 @@ from mmseg.evaluation import IoUMetric
 from poolformer_seg.apis import build_segmentor
 from poolformer_seg.apis.complexity import count_flops, count_parameters
 
-from ..apis.tiny import TINY_MODEL
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from tests.apis.tiny import TINY_MODEL
+from tests.conftest import REPO, TRAIN_ITERS
 
 # Built-model counts of mmseg 1.x's PoolFormer segmentors (150 classes),
 # see /work/shared/reference/upstream.md section 1.2.
@@ -96,31 +95,24 @@ def test_get_flops_tool_on_s12(load_tool, tmp_path, capsys):
 
 # -------------------------------------------------------------- plot_curves
 
-@pytest.fixture(scope='module')
-def short_run(make_tiny_config, run_tool, tmp_path_factory):
-    """A real 6-iteration tools/train.py run, validated at 3 and 6."""
-    root = tmp_path_factory.mktemp('short_run')
-    config = make_tiny_config(root / 'tiny.py', max_iters=6,
-                              **{'train_cfg.val_interval': 3, **TINY_MODEL})
-    work_dir = str(root / 'work')
-    proc = run_tool('train.py', config, '--work-dir', work_dir)
-    return work_dir, proc.stdout
-
-
-def test_plot_curves_from_a_real_log(short_run, load_tool, tmp_path):
-    work_dir, stdout = short_run
+def test_plot_curves_from_a_real_log(trained_s12, load_tool, tmp_path):
+    """The shared fixture's tools/train.py run: S12, TRAIN_ITERS iterations,
+    a log line per iteration, validation at the end."""
+    work_dir, stdout = trained_s12.work_dir, trained_s12.stdout
     tool = load_tool('analysis/plot_curves.py')
     curves = tool.load_curves(work_dir)
-    # the training log itself (mmengine's text log) lists loss and mIoU
+    # the text log that mmengine prints lists the same loss and mIoU
     logged_losses = [float(v) for v in re.findall(
-        r'Iter\(train\)\s+\[\s*\d+/6\].*?\sloss: ([\d.]+)', stdout)]
+        rf'Iter\(train\)\s+\[\s*\d+/{TRAIN_ITERS}\].*?\sloss: ([\d.]+)',
+        stdout)]
     logged_miou = [float(v) for v in re.findall(
         r'Iter\(val\).*?mIoU: ([\d.]+)', stdout)]
     steps, losses = curves['train']['loss']
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert steps == list(range(1, TRAIN_ITERS + 1))
+    assert len(logged_losses) == TRAIN_ITERS
     np.testing.assert_allclose(losses, logged_losses, atol=5e-5)
     steps, miou = curves['val']['mIoU']
-    assert steps == [3, 6] and len(logged_miou) == 2
+    assert steps == [TRAIN_ITERS] and len(logged_miou) == 1
     np.testing.assert_allclose(miou, logged_miou, atol=5e-3)
     steps, lr = curves['train']['lr']
     assert lr[0] == pytest.approx(2e-4) and lr[-1] < lr[0]  # poly decay
@@ -134,8 +126,8 @@ def test_plot_curves_from_a_real_log(short_run, load_tool, tmp_path):
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # not blank
 
 
-def test_resumed_run_continues_the_curve(short_run, load_tool, tmp_path):
-    work_dir, _ = short_run
+def test_resumed_run_continues_the_curve(trained_s12, load_tool, tmp_path):
+    work_dir = trained_s12.work_dir
     run = tmp_path / 'resumed'
     first = glob.glob(osp.join(work_dir, '*', 'vis_data',
                                'scalars.json'))[0]
@@ -143,17 +135,20 @@ def test_resumed_run_continues_the_curve(short_run, load_tool, tmp_path):
     later = run / '20990101_000000' / 'vis_data'
     os.makedirs(later)
     (later / 'scalars.json').write_text(
-        json.dumps(dict(lr=1e-5, loss=0.5, iter=6, step=6)) + '\n' +
-        json.dumps(dict(lr=1e-5, loss=0.25, iter=7, step=7)) + '\n')
+        json.dumps(dict(lr=1e-5, loss=0.5, iter=TRAIN_ITERS,
+                        step=TRAIN_ITERS)) + '\n' +
+        json.dumps(dict(lr=1e-5, loss=0.25, iter=TRAIN_ITERS + 1,
+                        step=TRAIN_ITERS + 1)) + '\n')
     steps, losses = load_tool('analysis/plot_curves.py').load_curves(
         str(run))['train']['loss']
-    assert steps == [1, 2, 3, 4, 5, 6, 7] and losses[-2:] == [0.5, 0.25]
+    assert steps == list(range(1, TRAIN_ITERS + 2))
+    assert losses[-2:] == [0.5, 0.25]
 
 
-def test_plot_curves_names_missing_keys(short_run, load_tool, tmp_path):
+def test_plot_curves_names_missing_keys(trained_s12, load_tool, tmp_path):
     tool = load_tool('analysis/plot_curves.py')
     with pytest.raises(SystemExit, match="no run logged 'mDice'.*mIoU"):
-        tool.main([short_run[0], '--keys', 'mDice', '--out',
+        tool.main([trained_s12.work_dir, '--keys', 'mDice', '--out',
                    str(tmp_path / 'x.png')])
     with pytest.raises(SystemExit, match='neither a work dir'):
         tool.main([str(tmp_path / 'nothing'), '--out',

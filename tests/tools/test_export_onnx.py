@@ -22,7 +22,8 @@ from poolformer_seg.apis import init_model, predict_mask
 from poolformer_seg.apis.export import (SegmentorForExport, _ShapeUpsample,
                                         postprocess, preprocess)
 
-from ..apis.tiny import TINY_MODEL, save_random_checkpoint
+from tests.apis.tiny import TINY_MODEL, save_random_checkpoint
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope='module')
@@ -136,8 +137,7 @@ def test_export_refuses_sliding_window(exported):
 def deployment_snippet():
     """The onnxruntime code block of docs/deployment.md, without its last
     two lines (which open 's12.onnx' and 'photo.jpg')."""
-    with open(osp.join(osp.dirname(osp.dirname(osp.dirname(
-            osp.abspath(__file__)))), 'docs', 'deployment.md')) as f:
+    with open(osp.join(REPO, 'docs', 'deployment.md')) as f:
         text = f.read()
     block = text.split('```python\n')[1].split('```')[0]
     return block.split('\nsession = ')[0]

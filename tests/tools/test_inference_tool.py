@@ -13,7 +13,7 @@ import poolformer_seg  # noqa: F401
 from mmseg.datasets import ADE20KDataset
 from poolformer_seg.apis import colorize_mask, init_model, predict_mask
 
-from ..apis.tiny import TINY_MODEL, save_random_checkpoint
+from tests.apis.tiny import TINY_MODEL, save_random_checkpoint
 
 PALETTE = np.array(ADE20KDataset.METAINFO['palette'], np.uint8)
 

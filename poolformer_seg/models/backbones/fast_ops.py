@@ -69,23 +69,37 @@ def _compute_dtype(x):
     return x.dtype
 
 
+def _fold(p, dtype):
+    """Folded MLP weights ``W1 = w1 g2``, ``B1 = b1 + w1 beta2``, ``W2 =
+    ls2 w2``, ``B2 = ls2 b2``, cast to the compute dtype."""
+    folded = (p['w1'] * p['g2'], torch.addmv(p['b1'], p['w1'], p['beta2']),
+              p['w2'] * p['ls2'][:, None], p['b2'] * p['ls2'])
+    return [t.to(dtype) for t in folded]
+
+
+_PARAMS = ('beta1', 'g2', 'beta2', 'w1', 'b1', 'w2', 'b2', 'ls2')
+
+
 class _Block(torch.autograd.Function):
     """A whole block; see the module docstring.
 
     Inputs: ``x`` (residual dtype); ``coef`` ``B x C`` = ``ls1 * g1`` times
-    the mixer's drop-path factor per sample; ``beta`` the norm1 bias, which
-    does not change the result (its gradient is exactly zero; it is an input
+    the mixer's drop-path factor per sample; the parameters named in
+    ``_PARAMS`` (``w1``/``w2`` as matrices); ``keep`` the MLP branch's
+    drop-path factor per sample, or None. ``beta1`` (the norm1 bias) does
+    not change the result: its gradient is exactly zero, and it is an input
     so that the parameter takes part in the graph, as
-    DistributedDataParallel expects); folded ``w1, b1, w2, b2``; ``keep`` the
-    MLP branch's drop-path factor per sample, or None.
+    DistributedDataParallel expects. The folding is redone in the backward,
+    so no folded copy of the weights is kept.
     """
 
     @staticmethod
-    def forward(ctx, x, coef, beta, w1, b1, w2, b2, keep, pool_size, eps1,
-                eps2):
+    def forward(ctx, x, coef, beta1, g2, beta2, w1, b1, w2, b2, ls2, keep,
+                pool_size, eps1, eps2):
+        params = dict(zip(_PARAMS, (beta1, g2, beta2, w1, b1, w2, b2, ls2)))
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            w1, b1, w2, b2 = (t.to(dtype) for t in (w1, b1, w2, b2))
+            fw1, fb1, fw2, fb2 = _fold(params, dtype)
             mean1, rstd1 = _stats(x, eps1)
             c = _per_sample(rstd1, x) * coef[..., None, None].to(x.dtype)
             pooled = _pool(x, pool_size)
@@ -93,23 +107,25 @@ class _Block(torch.autograd.Function):
             rows = x1.permute(0, 2, 3, 1)
             n0, mean2, rstd2 = torch.native_layer_norm(
                 rows, rows.shape[1:], None, None, eps2)
-            h = F.linear(n0.to(dtype), w1, b1)
-            y = F.linear(torch.ops.aten.gelu_(h), w2, b2)
+            h = F.linear(n0.to(dtype), fw1, fb1)
+            y = F.linear(torch.ops.aten.gelu_(h), fw2, fb2)
             y = y.permute(0, 3, 1, 2)
             if keep is not None:
                 y = y * _per_sample(keep, y)
             out = x1.add_(y)
-        ctx.save_for_backward(x, coef, beta, w1, b1, w2, keep, mean1, rstd1,
-                              mean2, rstd2)
+        ctx.save_for_backward(x, coef, keep, mean1, rstd1, mean2, rstd2,
+                              *params.values())
         ctx.pool_size, ctx.dtype = pool_size, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (x, coef, beta, w1, b1, w2, keep, mean1, rstd1, mean2,
-         rstd2) = ctx.saved_tensors
+        x, coef, keep, mean1, rstd1, mean2, rstd2, *saved = ctx.saved_tensors
+        p = dict(zip(_PARAMS, saved))
         k, dtype = ctx.pool_size, ctx.dtype
+        pdt = p['w1'].dtype  # gradients of the parameters in their dtype
         with torch.autocast(x.device.type, enabled=False):
+            fw1, fb1, fw2, _ = _fold(p, dtype)
             # recompute the forward up to the GELU input
             c = _per_sample(rstd1, x) * coef[..., None, None].to(x.dtype)
             diff = _pool(x, k)
@@ -119,18 +135,18 @@ class _Block(torch.autograd.Function):
             n0 = ((rows - _per_sample(mean2, rows)) *
                   _per_sample(rstd2, rows)).to(dtype)
             del x1
-            h = F.linear(n0, w1, b1)
-            # MLP branch
+            h = F.linear(n0, fw1, fb1)
+            # MLP branch, with respect to the folded weights
             g = grad if keep is None else grad * _per_sample(keep, grad)
-            g = g.permute(0, 2, 3, 1).to(dtype).reshape(-1, w2.shape[0])
+            g = g.permute(0, 2, 3, 1).to(dtype).reshape(-1, fw2.shape[0])
             h = h.view(g.shape[0], -1)
-            grad_w2 = g.t().mm(F.gelu(h))
-            grad_b2 = g.sum(0)
-            grad_h = torch.ops.aten.gelu_backward(g.mm(w2), h)
+            gw2 = g.t().mm(F.gelu(h)).to(pdt)
+            gb2 = g.sum(0, dtype=pdt)
+            grad_h = torch.ops.aten.gelu_backward(g.mm(fw2), h)
             del h, g
-            grad_w1 = grad_h.t().mm(n0.reshape(grad_h.shape[0], -1))
-            grad_b1 = grad_h.sum(0)
-            grad_n0 = grad_h.mm(w1).view(rows.shape).to(x.dtype)
+            gw1 = grad_h.t().mm(n0.reshape(grad_h.shape[0], -1)).to(pdt)
+            gb1 = grad_h.sum(0, dtype=pdt)
+            grad_n0 = grad_h.mm(fw1).view(rows.shape).to(x.dtype)
             del grad_h, n0
             grad_x1 = torch.ops.aten.native_layer_norm_backward(
                 grad_n0, rows, rows.shape[1:], mean2, rstd2, None, None,
@@ -146,8 +162,16 @@ class _Block(torch.autograd.Function):
             # through r = (var + eps)^-1/2: dr/dx = -r^3 (x - mu) / N
             a = (s * coef).sum(1) * rstd1.pow(3) / -x[0].numel()
             grad_x.addcmul_(x - _per_sample(mean1, x), _per_sample(a, x))
-        return (grad_x, s * rstd1[:, None], torch.zeros_like(beta), grad_w1,
-                grad_b1, grad_w2, grad_b2, None, None, None, None)
+        # unfold: chain rule through W1, B1, W2, B2
+        grads = dict(
+            beta1=torch.zeros_like(p['beta1']),
+            g2=(gw1 * p['w1']).sum(0), beta2=p['w1'].t().mv(gb1),
+            w1=torch.addr(gw1 * p['g2'], gb1, p['beta2']), b1=gb1,
+            w2=gw2 * p['ls2'][:, None], b2=gb2 * p['ls2'],
+            ls2=(gw2 * p['w2']).sum(1) + gb2 * p['b2'])
+        return (grad_x, s * rstd1[:, None],
+                *(grads[n].to(p[n].dtype) for n in _PARAMS),
+                None, None, None, None)
 
 
 def fused_block(x, norm1, norm2, fc1, fc2, ls1, ls2, pool_size, drop=None):
@@ -164,9 +188,7 @@ def fused_block(x, norm1, norm2, fc1, fc2, ls1, ls2, pool_size, drop=None):
     keep = None
     if drop is not None:
         coef, keep = coef * drop[0][:, None], drop[1]
-    w1 = fc1.weight.flatten(1)
     return _Block.apply(
-        x.to(coef.dtype), coef, norm1.bias, w1 * norm2.weight,
-        torch.addmv(fc1.bias, w1, norm2.bias),
-        fc2.weight.flatten(1) * ls2[:, None], fc2.bias * ls2, keep,
-        pool_size, norm1.eps, norm2.eps)
+        x.to(coef.dtype), coef, norm1.bias, norm2.weight, norm2.bias,
+        fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias,
+        ls2, keep, pool_size, norm1.eps, norm2.eps)

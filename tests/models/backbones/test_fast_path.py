@@ -109,8 +109,9 @@ def test_fused_block_backward_passes_gradcheck():
                            requires_grad=True)
     x = rand(2, 5, 4, 6).detach().contiguous(
         memory_format=torch.channels_last).requires_grad_()
-    inputs = (x, rand(2, 5), rand(5), rand(20, 5), rand(20), rand(5, 20),
-              rand(5))
+    # x, coef, beta1, g2, beta2, w1, b1, w2, b2, ls2
+    inputs = (x, rand(2, 5), rand(5), rand(5), rand(5), rand(20, 5),
+              rand(20), rand(5, 20), rand(5), rand(5))
     keep = torch.tensor([0., 2.], dtype=torch.float64)
     assert torch.autograd.gradcheck(
         lambda *a: _Block.apply(*a, keep, 3, 1e-5, 1e-5), inputs)
@@ -189,14 +190,20 @@ def test_fused_with_drop_path_and_frozen_stages_equals_plain():
     assert_same(results[1], results[0], atol=1e-5, grad_rtol=1e-5)
 
 
-def test_channels_last_runs_and_returns_channels_last():
+def test_channels_last_layouts():
+    """channels_last inside; outputs channels_last in eval, NCHW in train."""
     _, fast = make_pair(channels_last=True)
     assert fast.stem.proj.weight.is_contiguous(
         memory_format=torch.channels_last)
+    seen = []
+    fast.stages[1].register_forward_hook(lambda m, i, o: seen.append(o))
     with torch.no_grad():
         outs = fast.eval()(image())  # NCHW input, converted on entry
-    assert all(o.is_contiguous(memory_format=torch.channels_last)
-               for o in outs)
+        assert all(o.is_contiguous(memory_format=torch.channels_last)
+                   and not o.is_contiguous() for o in outs + tuple(seen))
+        outs = fast.train()(image())
+        assert all(o.is_contiguous() for o in outs)
+        assert seen[-1].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_fused_needs_groupnorm1_and_excludes_compile():
@@ -247,10 +254,11 @@ def test_fused_bf16_training_step_gives_finite_close_gradients():
 
 
 def test_compiled_backbone_equals_eager():
+    # two stages of one block each keep the compile time low
     arch = dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32])
-    eager = randomize_(PoolFormer(arch, init_cfg=None), 0)
-    compiled = PoolFormer(arch, init_cfg=None, compile=True,
-                          channels_last=True)
+    eager = randomize_(PoolFormer(arch, out_indices=(0, 1), init_cfg=None), 0)
+    compiled = PoolFormer(arch, out_indices=(0, 1), init_cfg=None,
+                          compile=True, channels_last=True)
     compiled.load_state_dict(eager.state_dict())
     x = image(batch=2, size=(64, 64))
     eager.eval(), compiled.eval()
