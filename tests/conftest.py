@@ -14,10 +14,11 @@ Fixtures (all session-scoped, so a whole test run pays for them once):
     from ``ade_tiny``, no pretrained init, no data-loader workers, seed 0,
     and ``overrides`` merged last (``Config.merge_from_dict`` keys).
 ``run_tool``
-    ``run_tool(script, *args, timeout=1800, env=None, check=True)
-    -> CompletedProcess``: runs ``tools/<script>`` with the project's Python
-    from the repository root, stdout+stderr captured together as text; with
-    ``check`` a non-zero exit fails the test, showing the output tail.
+    ``run_tool(script, *args, timeout=1800, env=None, check=True,
+    merge_stderr=True) -> CompletedProcess``: runs ``tools/<script>`` with
+    the project's Python from the repository root, output captured as text
+    (stderr into stdout unless ``merge_stderr=False``); with ``check`` a
+    non-zero exit fails the test, showing the output tail.
 ``load_tool``
     ``load_tool(script) -> module``: imports ``tools/<script>`` in-process
     (each tool has ``main(argv)``), for checks that need no subprocess.
@@ -108,14 +109,16 @@ def make_tiny_config(ade_tiny):
     return make
 
 
-def _run_tool(script, *args, timeout=1800, env=None, check=True):
+def _run_tool(script, *args, timeout=1800, env=None, check=True,
+              merge_stderr=True):
     cmd = [sys.executable, osp.join(REPO, 'tools', script), *map(str, args)]
     proc = subprocess.run(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cmd, cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
         text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         pytest.fail(f'{" ".join(cmd)} exited with {proc.returncode}:\n'
-                    f'{proc.stdout[-6000:]}')
+                    f'{proc.stdout[-6000:]}\n{(proc.stderr or "")[-3000:]}')
     return proc
 
 

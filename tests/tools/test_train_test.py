@@ -83,7 +83,8 @@ def tested_s12(trained_s12, run_tool, tmp_path_factory):
     root = tmp_path_factory.mktemp('tested_s12')
     out = str(root / 'preds')
     proc = run_tool('test.py', trained_s12.config, trained_s12.checkpoint,
-                    '--work-dir', str(root / 'work'), '--out', out)
+                    '--work-dir', str(root / 'work'), '--out', out,
+                    merge_stderr=False)
     return proc.stdout, out
 
 
@@ -96,7 +97,7 @@ def test_train_writes_checkpoint(trained_s12):
 
 
 def test_test_py_prints_table_and_summary(tested_s12):
-    stdout, _ = tested_s12
+    stdout, _ = tested_s12  # stdout alone, without stderr
     assert 'per class results:' in stdout
     # the table lists all 150 ADE20K classes with IoU and Acc columns
     assert re.search(r'\|\s+Class\s+\|\s+IoU\s+\|\s+Acc\s+\|', stdout)
@@ -114,6 +115,14 @@ def test_miou_matches_numpy_confusion_matrix(tested_s12, ade_tiny):
           f'{tuple(round(float(v), 2) for v in expected)}')
     # mmseg rounds to 2 decimals
     np.testing.assert_allclose(reported, expected, atol=0.0051)
+
+
+def test_validation_during_training_agrees(trained_s12, tested_s12):
+    """The ValLoop at the last iteration saw the same model and data."""
+    val = re.findall(r'Iter\(val\) \[10/10\]\s+aAcc: ([\d.]+)\s+mIoU: '
+                     r'([\d.]+)\s+mAcc: ([\d.]+)', trained_s12.stdout)
+    assert len(val) == 1
+    assert tuple(map(float, val[0])) == summary_of(tested_s12[0])
 
 
 def test_learning_beats_chance(trained_s12, tested_s12, ade_tiny):

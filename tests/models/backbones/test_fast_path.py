@@ -60,6 +60,9 @@ def assert_same(a, b, atol, grad_rtol):
                                    msg=lambda m: f'out {i}: {m}')
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
+        if grads_b[name] is None:  # unused: stages after out_indices
+            assert grads_a[name] is None, name
+            continue
         assert grads_a[name] is not None, f'{name} got no gradient'
         err = (grads_a[name] - grads_b[name]).norm()
         scale = grads_b[name].norm()
@@ -254,10 +257,10 @@ def test_fused_bf16_training_step_gives_finite_close_gradients():
 
 
 def test_compiled_backbone_equals_eager():
-    # two stages of one block each keep the compile time low
+    # the stem, one block and its output norm keep the compile time low
     arch = dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32])
-    eager = randomize_(PoolFormer(arch, out_indices=(0, 1), init_cfg=None), 0)
-    compiled = PoolFormer(arch, out_indices=(0, 1), init_cfg=None,
+    eager = randomize_(PoolFormer(arch, out_indices=(0, ), init_cfg=None), 0)
+    compiled = PoolFormer(arch, out_indices=(0, ), init_cfg=None,
                           compile=True, channels_last=True)
     compiled.load_state_dict(eager.state_dict())
     x = image(batch=2, size=(64, 64))
