@@ -13,7 +13,6 @@ per-class IoU/Acc table and aAcc / mIoU / mAcc. See docs/training.md.
 import argparse
 import logging
 import os
-import os.path as osp
 
 import poolformer_seg  # noqa: F401  (must precede mmseg imports; registers)
 from mmengine.config import Config, DictAction
@@ -21,7 +20,7 @@ from mmengine.dist import is_main_process
 from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.runner import Runner
 from poolformer_seg.engine import (adapt_to_cpu_distributed,
-                                   init_cpu_process_group)
+                                   init_cpu_process_group, load_tool_config)
 from poolformer_seg.utils.checkpoint import load_segmentor_checkpoint
 
 
@@ -87,15 +86,7 @@ def trigger_visualization_hook(cfg, args):
 
 
 def build_config(args) -> Config:
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = load_tool_config(args)
     # Loaded below, strictly, instead of mmengine's lenient load_from.
     cfg.load_from = None
     cfg.resume = False

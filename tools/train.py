@@ -8,14 +8,13 @@ See docs/training.md.
 import argparse
 import logging
 import os
-import os.path as osp
 
 import poolformer_seg  # noqa: F401  (must precede mmseg imports; registers)
 import torch
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 from poolformer_seg.engine import (adapt_to_cpu_distributed,
-                                   init_cpu_process_group)
+                                   init_cpu_process_group, load_tool_config)
 
 from mmseg.registry import RUNNERS
 
@@ -68,16 +67,7 @@ def enable_amp(cfg: Config) -> str:
 
 
 def build_config(args) -> Config:
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    # work_dir: command line > config > ./work_dirs/<config name>
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = load_tool_config(args)
     cfg.resume = args.resume
     return cfg
 

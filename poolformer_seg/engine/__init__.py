@@ -7,12 +7,13 @@ from .atomic import (AtomicLocalBackend, atomic_write,
                      find_resumable_checkpoint, is_complete_checkpoint)
 from .hooks import (FiniteLossHook, NonFiniteError, RNGStateHook,
                     SafeCheckpointHook, capture_rng_state, restore_rng_state)
-from .launch import adapt_to_cpu_distributed, init_cpu_process_group
+from .launch import (adapt_to_cpu_distributed, init_cpu_process_group,
+                     load_tool_config)
 from .optim_wrapper import AmpOnCudaOptimWrapper
 
 __all__ = ['AtomicLocalBackend', 'atomic_write', 'find_resumable_checkpoint',
            'is_complete_checkpoint', 'FiniteLossHook', 'NonFiniteError',
            'RNGStateHook', 'SafeCheckpointHook', 'capture_rng_state',
            'restore_rng_state', 'adapt_to_cpu_distributed',
-           'init_cpu_process_group',
+           'init_cpu_process_group', 'load_tool_config',
            'AmpOnCudaOptimWrapper']

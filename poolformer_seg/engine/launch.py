@@ -1,10 +1,34 @@
-"""Adjustments that let a GPU config run distributed on CPU-only machines."""
+"""Shared set-up of tools/train.py and tools/test.py.
+
+Config loading with the mmseg tools' precedence rules, and the adjustments
+that let a GPU config run distributed on CPU-only machines.
+"""
 import datetime
+import os.path as osp
 from typing import List
 
 import torch
 import torch.distributed as torch_dist
 from mmengine.config import Config
+
+
+def load_tool_config(args) -> Config:
+    """Load ``args.config`` as mmseg's tools do.
+
+    ``--cfg-options`` are merged, ``args.launcher`` is recorded, and the work
+    dir is: ``--work-dir`` > the config's ``work_dir`` >
+    ``./work_dirs/<config name>``.
+    """
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    return cfg
 
 
 def _replace_sync_bn(node) -> int:
