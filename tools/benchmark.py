@@ -5,8 +5,8 @@
         --modes infer train --markdown bench.md --plot bench.png
 
 One run builds the config's segmentor twice with identical weights: *ours*
-(the config as is, plus ``--channels-last``/``--compile``) and the
-*reference*, the same FPN/FPNHead over MMPretrain 1.2.0's PoolFormer source
+(the config as is, plus ``--fast``/``--channels-last``/``--compile``) and
+the *reference*, the same FPN/FPNHead over MMPretrain 1.2.0's PoolFormer source
 (:mod:`poolformer_seg.utils.upstream`), eager, NCHW. For every mode, input
 size and batch size the variants (model x dtype) are timed in turns, so that
 background load hits all of them alike, and medians are reported:
@@ -87,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument('--channels-last', action='store_true',
                    help='ours: backbone channels_last=True (the neck and '
                    'head follow their input layout)')
+    p.add_argument('--fast', action='store_true',
+                   help='ours: the whole fast path: backbone fused=True and '
+                   'channels_last=True, and FastFPNHead for FPNHead')
     p.add_argument('--compile', action='store_true',
                    help='ours: backbone compile=True, fused=False '
                    '(torch.compile)')
@@ -128,8 +131,12 @@ def model_config(args):
     if model.get('type') != 'EncoderDecoder' or 'backbone' not in model:
         raise ValueError(f'{args.config}: expected an EncoderDecoder model')
     model.backbone.init_cfg = None  # weights come from randomize/checkpoint
-    if args.channels_last:
+    if args.channels_last or args.fast:
         model.backbone.channels_last = True
+    if args.fast:
+        model.backbone.fused = True
+        if model.decode_head.get('type') == 'FPNHead':
+            model.decode_head.type = 'FastFPNHead'
     if args.compile:  # inductor fuses the plain block itself
         model.backbone.update(compile=True, fused=False)
     return model
@@ -166,11 +173,18 @@ def randomize_(model, seed):
 
 
 def reference_of(ours):
-    """The same segmentor with mmpretrain's PoolFormer; same weights."""
+    """The same segmentor with mmpretrain's PoolFormer and mmseg's FPNHead;
+    same weights."""
+    from mmseg.models.decode_heads import FPNHead
+    from poolformer_seg.models import FastFPNHead
     from poolformer_seg.utils.upstream import build_reference
     ref = copy.deepcopy(ours)
     # eager, NCHW, plain: only our backbone knows the fast-path flags
     ref.backbone = build_reference(ours.backbone)
+    if isinstance(ref.decode_head, FastFPNHead):
+        # FastFPNHead only overrides the loss: as an FPNHead, the same
+        # module (layers, weights, settings) is mmseg's plain head
+        ref.decode_head.__class__ = FPNHead
     ref.to(memory_format=torch.contiguous_format)
     return ref
 

@@ -245,10 +245,9 @@ class PoolFormer(BaseModule):
             rest, one extra 1x1 convolution). Needs GroupNorm(1) norms (the
             default ``norm_cfg``). Default False.
         channels_last (bool): run in the channels_last memory format: the
-            weights are converted and the input is converted on entry. In
-            eval mode the outputs stay channels_last, so the neck and head
-            convolutions run in it too; in training they are returned in
-            NCHW (see :meth:`_forward`). Much faster on CPU. Default False.
+            weights are converted and the input is converted on entry. The
+            outputs stay channels_last, so the neck and head convolutions
+            run in it too. Much faster on CPU. Default False.
         compile (bool): run the forward through ``torch.compile`` (inductor;
             compiled on the first call and again for new input shapes).
             Cannot be combined with ``fused`` (inductor fuses the plain
@@ -404,15 +403,8 @@ class PoolFormer(BaseModule):
 
     def _forward(self, x) -> Tuple[torch.Tensor, ...]:
         features = self.stage_features(x)
-        outs = tuple(getattr(self, f'norm{i}')(feature)
+        return tuple(getattr(self, f'norm{i}')(feature)
                      for i, feature in zip(self.out_indices, features))
-        if self.channels_last and self.training:
-            # mmseg's decode heads take the loss as a log-softmax over the
-            # channels of full-size logits, which PyTorch first copies to
-            # NCHW (and back in the backward): in training that costs more
-            # than channels_last saves in the neck and head.
-            outs = tuple(out.contiguous() for out in outs)
-        return outs
 
     def _frozen_modules(self) -> List[nn.Module]:
         if self.frozen_stages < 0:

@@ -194,19 +194,23 @@ def test_fused_with_drop_path_and_frozen_stages_equals_plain():
 
 
 def test_channels_last_layouts():
-    """channels_last inside; outputs channels_last in eval, NCHW in train."""
+    """channels_last inside and out, in eval, training and autocast."""
     _, fast = make_pair(channels_last=True)
     assert fast.stem.proj.weight.is_contiguous(
         memory_format=torch.channels_last)
     seen = []
     fast.stages[1].register_forward_hook(lambda m, i, o: seen.append(o))
+
+    def channels_last(tensors):
+        return all(t.is_contiguous(memory_format=torch.channels_last)
+                   and not t.is_contiguous() for t in tensors)
+
     with torch.no_grad():
-        outs = fast.eval()(image())  # NCHW input, converted on entry
-        assert all(o.is_contiguous(memory_format=torch.channels_last)
-                   and not o.is_contiguous() for o in outs + tuple(seen))
-        outs = fast.train()(image())
-        assert all(o.is_contiguous() for o in outs)
-        assert seen[-1].is_contiguous(memory_format=torch.channels_last)
+        assert channels_last(fast.eval()(image()))  # NCHW input converted
+        assert channels_last(fast.train()(image()))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert channels_last(fast(image()))
+    assert channels_last(seen)
 
 
 def test_fused_needs_groupnorm1_and_excludes_compile():

@@ -1,0 +1,3 @@
+from .fast_fpn_head import FastFPNHead
+
+__all__ = ['FastFPNHead']

@@ -1,0 +1,205 @@
+"""Cross-entropy of logits resized to the label size, in blocks of rows.
+
+A decode head predicts ``B x K x h x w`` logits at stride 4. mmseg's
+``loss_by_feat`` resizes them bilinearly to the label size ``H x W`` and then
+takes a softmax cross-entropy and a top-1 accuracy over the full-size
+tensor. For ADE20K (``K = 150``) at 512x512 that tensor holds 39M values per
+image. Each pass over it costs more than most convolutions of the model:
+the resize, the log-softmax (over a strided channel axis in NCHW), ``topk``
+for the accuracy, the zero-filled gradient, and the log-softmax and resize
+backwards. Each fresh 157 MB buffer also spends tens of milliseconds in page
+faults.
+
+:func:`resized_cross_entropy` computes the same two numbers one block of
+label rows of one image at a time, so no full-size tensor is built. A
+block's logits come from the same ATen bilinear kernel, run on the block's
+input rows plus one halo row on each side; the log-softmax then runs over
+contiguous NHWC rows. The backward recomputes each block, forms ``softmax -
+onehot`` in place and sends it through the ATen resize backward. Only the
+per-pixel log-sum-exp (``B x H x W``) is kept from forward to backward.
+
+Blocks need ``H`` to be a whole multiple of ``h`` (crop training, where the
+logits are exactly 1/4 of the crop) and ``align_corners=False``; then a
+block's resize uses the full resize's source rows and weights exactly.
+Otherwise the whole image is one block: the same kernels, no memory saved.
+
+The logits are cast to fp32 before the resize, so under bf16/fp16 autocast
+the softmax, the loss and the accuracy are computed in fp32.
+"""
+from typing import List, NamedTuple, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['resized_cross_entropy']
+
+# Pixels x classes per block: about 8 MB of fp32 logits, small enough to be
+# served again from the heap instead of freshly mapped pages.
+BLOCK_ELEMENTS = 2 ** 21
+_EPS = torch.finfo(torch.float32).eps  # mmseg's guard against 0 / 0
+
+
+class _Block(NamedTuple):
+    start: int  # input rows start:stop are resized ...
+    stop: int
+    out_rows: int  # ... to out_rows rows, of which rows
+    first: int  # first:first + count are the label rows
+    label_row: int  # label_row:label_row + count
+    count: int
+
+
+def _blocks(h: int, out_h: int, out_w: int, num_classes: int,
+            align_corners: bool) -> List[_Block]:
+    if align_corners or out_h % h:
+        return [_Block(0, h, out_h, 0, 0, out_h)]
+    s = out_h // h
+    step = max(1, BLOCK_ELEMENTS // (s * out_w * num_classes))
+    blocks = []
+    for a in range(0, h, step):
+        b = min(a + step, h)
+        # Output rows s*a .. s*b-1 read input rows a-1 .. b; ATen clamps at
+        # the image border, and so does the slice there.
+        start, stop = max(a - 1, 0), min(b + 1, h)
+        blocks.append(_Block(start, stop, s * (stop - start), s * (a - start),
+                             s * a, s * (b - a)))
+    return blocks
+
+
+def _resize_block(x, image, block, out_w, align_corners):
+    """Channels-last ``1 x K x out_rows x out_w`` logits of one block."""
+    return F.interpolate(x[image:image + 1, :, block.start:block.stop],
+                         size=(block.out_rows, out_w), mode='bilinear',
+                         align_corners=align_corners)
+
+
+def _label_rows(resized, block):
+    """The block's label rows of ``resized`` as ``count*W x K`` (a view)."""
+    return resized.permute(0, 2, 3, 1)[0, block.first:block.first +
+                                       block.count].reshape(
+                                           -1, resized.shape[1])
+
+
+class _ResizedCrossEntropy(torch.autograd.Function):
+    """``(sum of -log softmax(resize(logits))[label], number of pixels whose
+    label is an arg-max)`` over pixels whose label is not ignored.
+
+    ``labels`` must already have its ignored pixels replaced by class 0;
+    ``valid`` marks the others.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, valid, align_corners):
+        x = logits.detach().float().contiguous(
+            memory_format=torch.channels_last)
+        num_classes, h = x.shape[1:3]
+        out_h, out_w = labels.shape[1:]
+        blocks = _blocks(h, out_h, out_w, num_classes, align_corners)
+        lse = x.new_empty(labels.shape)
+        total = x.new_zeros(())
+        correct = labels.new_zeros(())
+        for image in range(x.shape[0]):
+            for block in blocks:
+                rows = _label_rows(
+                    _resize_block(x, image, block, out_w, align_corners),
+                    block)
+                label_rows = slice(block.label_row,
+                                   block.label_row + block.count)
+                target = labels[image, label_rows].reshape(-1, 1)
+                keep = valid[image, label_rows].reshape(-1)
+                log_p = torch.log_softmax(rows, 1)
+                picked = log_p.gather(1, target).view(-1)
+                # log-sum-exp = logit - log-probability, for any class
+                lse[image, label_rows] = (rows.gather(1, target).view(-1) -
+                                          picked).view(block.count, out_w)
+                correct += ((picked >= log_p.amax(1)) & keep).sum()
+                total -= picked.masked_fill_(~keep, 0).sum()
+        ctx.save_for_backward(x, labels, valid, lse)
+        ctx.align_corners = align_corners
+        ctx.logits_dtype = logits.dtype
+        ctx.mark_non_differentiable(correct)
+        return total, correct
+
+    @staticmethod
+    def backward(ctx, grad_total, _):
+        x, labels, valid, lse = ctx.saved_tensors
+        num_classes, h, w = x.shape[1:]
+        out_h, out_w = labels.shape[1:]
+        grad_x = torch.zeros_like(x)
+        minus_one = x.new_full((1, 1), -1.).expand(out_h * out_w, 1)
+        for image in range(x.shape[0]):
+            for block in _blocks(h, out_h, out_w, num_classes,
+                                 ctx.align_corners):
+                resized = _resize_block(x, image, block, out_w,
+                                        ctx.align_corners)
+                rows = _label_rows(resized, block)
+                label_rows = slice(block.label_row,
+                                   block.label_row + block.count)
+                target = labels[image, label_rows].reshape(-1, 1)
+                weight = valid[image, label_rows].reshape(-1, 1) * grad_total
+                # d(-log p_y)/d logits = softmax - onehot(y), in place
+                rows.sub_(lse[image, label_rows].reshape(-1, 1)).exp_()
+                rows.scatter_add_(1, target, minus_one[:rows.shape[0]])
+                rows.mul_(weight)
+                resized[:, :, :block.first].zero_()  # halo rows
+                resized[:, :, block.first + block.count:].zero_()
+                grad_x[image:image + 1, :, block.start:block.stop] += \
+                    torch.ops.aten.upsample_bilinear2d_backward(
+                        resized, [block.out_rows, out_w],
+                        [1, num_classes, block.stop - block.start, w],
+                        ctx.align_corners)
+        return grad_x.to(ctx.logits_dtype), None, None, None
+
+
+def _check_inputs(logits, labels, ignore_index):
+    if logits.dim() != 4 or labels.dim() != 3 or \
+            labels.shape[0] != logits.shape[0]:
+        raise ValueError('resized_cross_entropy expects logits B x K x h x w '
+                         'and labels B x H x W, got '
+                         f'{tuple(logits.shape)} and {tuple(labels.shape)}')
+    if labels.dtype != torch.long:
+        raise TypeError(f'labels must be int64, got {labels.dtype}')
+    labelled = labels[labels != ignore_index]
+    if labelled.numel() and (labelled.min() < 0 or
+                             labelled.max() >= logits.shape[1]):
+        raise ValueError(
+            f'labels hold values outside [0, {logits.shape[1]}) other than '
+            f'ignore_index={ignore_index}: min {labelled.min().item()}, max '
+            f'{labelled.max().item()}')
+
+
+def resized_cross_entropy(
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        ignore_index: int = 255,
+        avg_non_ignore: bool = False,
+        align_corners: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """mmseg's decode loss and ``acc_seg`` for logits smaller than labels.
+
+    Equal (up to float rounding) to resizing ``logits`` with
+    ``mmseg.models.utils.resize(..., mode='bilinear')`` to the label size,
+    then ``mmseg.models.losses.cross_entropy`` (softmax, no class weights,
+    reduction ``'mean'``) and ``mmseg.models.losses.accuracy`` (top-1), both
+    with ``ignore_index``. A pixel whose label ties for the highest logit
+    counts as correct (``topk`` would pick one of the tied classes).
+
+    Args:
+        logits: ``B x K x h x w`` float, any memory format and dtype.
+        labels: ``B x H x W`` int64, values in ``[0, K)`` or
+            ``ignore_index``.
+        ignore_index: label of pixels that count for nothing.
+        avg_non_ignore: divide the summed loss by the number of labelled
+            pixels instead of all ``B*H*W`` pixels (mmseg's flag).
+        align_corners: the resize's convention.
+
+    Returns:
+        ``(loss, acc)``: the fp32 mean loss (a scalar) and the accuracy in
+        percent (shape ``[1]``, not differentiable).
+    """
+    _check_inputs(logits, labels, ignore_index)
+    valid = labels != ignore_index
+    total, correct = _ResizedCrossEntropy.apply(
+        logits, labels.masked_fill(~valid, 0), valid, align_corners)
+    num_valid = int(valid.sum())
+    loss = total / ((num_valid if avg_non_ignore else labels.numel()) + _EPS)
+    acc = (correct.float() + _EPS) * (100. / (num_valid + _EPS))
+    return loss, acc.reshape(1)
