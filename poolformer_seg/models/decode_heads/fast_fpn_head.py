@@ -1,28 +1,97 @@
-"""Semantic FPN's head with a leaner loss; same parameters, same results."""
+"""Semantic FPN's head with a leaner loss and logits resize; same results."""
+import sys
+
+import torch
 from mmseg.models.decode_heads import FPNHead
 from mmseg.models.losses import CrossEntropyLoss
+from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 
 from ..losses import resized_cross_entropy
 
 
+def _storage_users(tensor: torch.Tensor) -> int:
+    """How many tensors (views included) and storage objects share the
+    memory of ``tensor``; 1 means only ``tensor`` itself."""
+    storage = tensor.untyped_storage()  # itself one more user until freed
+    return torch._C._storage_Use_Count(storage._cdata) - 1
+
+
+class RecycledOutput:
+    """The memory of the last output (per dtype and device), handed out
+    again once unused.
+
+    A full-size logits tensor is large (157 MB for 150 classes at 512x512
+    in fp32), and a fresh one is mapped from the kernel page by page on its
+    first write: on CPU those page faults cost about three times the resize
+    itself. When the caller has dropped every reference to the previous
+    output (views included), nothing can observe its memory any more, and
+    the next resize of the same shape writes into it. A buffer is taken out
+    before use, so concurrent callers never share one.
+
+    "No reference" is checked at three levels (the counters are private
+    PyTorch API; ``tests/models/decode_heads`` pins their meaning): the
+    Python object (the caller may hold the very tensor returned), the
+    tensor (autograd may have saved it for a backward) and its memory
+    (views, e.g. one image sliced out of the batch).
+    """
+
+    def __init__(self):
+        self._last = {}  # (dtype, device) -> tensor
+
+    def take(self, like: torch.Tensor, shape) -> torch.Tensor:
+        """A reusable tensor of ``shape`` in ``like``'s dtype, device and
+        memory format, or None."""
+        last = self._last.pop((like.dtype, like.device), None)
+        if last is None or last.shape != shape or \
+                not last.is_contiguous(memory_format=_memory_format(like)):
+            return None
+        # 2: ``last`` and getrefcount's argument
+        if sys.getrefcount(last) > 2 or last._use_count() > 1 or \
+                _storage_users(last) > 1:
+            return None
+        return last
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._last[(tensor.dtype, tensor.device)] = tensor
+        return tensor
+
+    def clear(self):
+        self._last.clear()
+
+
+def _memory_format(tensor):
+    channels_last = tensor.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last and \
+        not tensor.is_contiguous() else torch.contiguous_format
+
+
 @MODELS.register_module()
 class FastFPNHead(FPNHead):
-    """``FPNHead`` whose training loss never builds full-size logits.
+    """``FPNHead`` with a faster loss and logits resize; same function.
 
-    mmseg's ``loss_by_feat`` resizes the ``B x num_classes x H/4 x W/4``
-    logits to the label size and then runs the cross-entropy and the
+    Training: mmseg's ``loss_by_feat`` resizes the ``B x num_classes x H/4
+    x W/4`` logits to the label size and runs the cross-entropy and the
     accuracy over that tensor; this head computes the same ``loss_ce`` and
     ``acc_seg`` block by block (:func:`~poolformer_seg.models.losses.
     resized_cross_entropy`), several times faster on CPU and without the
-    full-size buffers. Layers, state-dict keys, ``forward`` and inference
-    are ``FPNHead``'s, so checkpoints move freely between the two types.
+    full-size buffers.
 
-    It supports the loss of the published configs, and says so at build
-    time otherwise: one ``CrossEntropyLoss`` with softmax
-    (``use_sigmoid=False``), no ``class_weight`` and no pixel ``sampler``;
-    ``avg_non_ignore``, ``loss_weight``, ``loss_name`` and
-    ``align_corners`` are honoured.
+    Inference: the logits are resized by the same ATen kernel as
+    ``FPNHead``'s, but written into the memory of the previous output when
+    the caller no longer references it (:class:`RecycledOutput`). The head
+    therefore keeps its last output's memory between calls (until
+    ``train()``).
+
+    Mixed precision: under autocast the classifier ``conv_seg`` runs in
+    fp32, so the logits (and the loss computed from them) are fp32.
+
+    Layers, state-dict keys and ``forward`` are ``FPNHead``'s, so
+    checkpoints move freely between the two types. The loss of the
+    published configs is supported, and anything else is refused at build
+    time: one ``CrossEntropyLoss`` with softmax (``use_sigmoid=False``),
+    no ``class_weight`` and no pixel ``sampler``; ``avg_non_ignore``,
+    ``loss_weight``, ``loss_name`` and ``align_corners`` are honoured.
     """
 
     def __init__(self, **kwargs):
@@ -36,6 +105,17 @@ class FastFPNHead(FPNHead):
                 'class_weight and no sampler; got loss_decode='
                 f'{kwargs.get("loss_decode")!r}, sampler='
                 f'{kwargs.get("sampler")!r}. Use type="FPNHead" for others')
+        self._output = RecycledOutput()
+
+    def cls_seg(self, feat):
+        """The classifier, in fp32 even under autocast: bf16 keeps 8 bits
+        of mantissa, too coarse for logits whose top two classes are often
+        close (rounding alone would change the arg-max of ~1% of pixels).
+        A 1x1 convolution at stride 4, it costs little in fp32."""
+        if self.dropout is not None:
+            feat = self.dropout(feat)
+        with torch.autocast(feat.device.type, enabled=False):
+            return self.conv_seg(feat.float())
 
     def loss_by_feat(self, seg_logits, batch_data_samples) -> dict:
         seg_label = self._stack_batch_gt(batch_data_samples).squeeze(1)
@@ -45,3 +125,28 @@ class FastFPNHead(FPNHead):
             align_corners=self.align_corners)
         return {self.loss_decode.loss_name: self.loss_decode.loss_weight *
                 loss, 'acc_seg': acc}
+
+    def predict_by_feat(self, seg_logits, batch_img_metas):
+        meta = batch_img_metas[0]
+        # the output size as FPNHead chooses it
+        if isinstance(meta['img_shape'], torch.Size):  # slide inference
+            size = tuple(meta['img_shape'])
+        else:
+            size = tuple(meta.get('pad_shape', meta['img_shape'])[:2])
+        out = None
+        if not (torch.is_grad_enabled() and seg_logits.requires_grad):
+            out = self._output.take(seg_logits, seg_logits.shape[:2] + size)
+        if out is None:
+            return self._output.keep(resize(
+                seg_logits, size=size, mode='bilinear',
+                align_corners=self.align_corners))
+        # F.interpolate(size=...) runs this op; here with an output given
+        torch._C._nn.upsample_bilinear2d(seg_logits, list(size),
+                                         self.align_corners, None, None,
+                                         out=out)
+        return self._output.keep(out)
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._output.clear()
+        return super().train(mode)
