@@ -12,7 +12,9 @@ from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
+from mmengine.structures import PixelData
 from mmseg.registry import MODELS
+from mmseg.structures import SegDataSample
 from tests.conftest import REPO
 
 VARIANTS = ('s12', 's24', 's36', 'm36', 'm48')
@@ -147,3 +149,55 @@ def test_builds_and_runs(variant, sample_image):
     assert result.pred_sem_seg.data.shape == (1, 333, 340)
     assert result.seg_logits.data.shape == (150, 333, 340)
     assert result.gt_sem_seg.data.shape == (1, 333, 340)
+
+
+def fast_config_path(variant):
+    return config_path(variant).replace('_ade20k.py', '_ade20k_fast.py')
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_fast_config_computes_the_plain_config(variant):
+    """The *_fast configs differ only by the fast path: same parameters,
+    same logits, same training loss and gradients (within fp32
+    rounding)."""
+    init_default_scope('mmseg')
+    models = []
+    for path in (config_path(variant), fast_config_path(variant)):
+        cfg = Config.fromfile(path)
+        cfg.model.backbone.init_cfg = None
+        models.append(revert_sync_batchnorm(MODELS.build(cfg.model)))
+    plain, fast = models
+    assert fast.backbone.fused and fast.backbone.channels_last
+    assert type(fast.decode_head).__name__ == 'FastFPNHead'
+    fast.load_state_dict(plain.state_dict(), strict=True)
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 96, 128, generator=gen)
+    labels = torch.randint(0, 150, (2, 1, 96, 128), generator=gen)
+    batch = []
+    for label in labels:
+        sample = SegDataSample(metainfo=dict(img_shape=(96, 128),
+                                             pad_shape=(96, 128)))
+        sample.gt_sem_seg = PixelData(data=label)
+        batch.append(sample)
+    metas = [s.metainfo for s in batch]
+    with torch.no_grad():
+        plain.eval(), fast.eval()
+        torch.testing.assert_close(fast.encode_decode(images, metas),
+                                   plain.encode_decode(images, metas),
+                                   atol=1e-4, rtol=0)
+    results = []
+    for model in (plain, fast):
+        model.train()
+        torch.manual_seed(0)  # the same dropout mask in the head
+        losses = model.loss(images, batch)
+        losses['decode.loss_ce'].backward()
+        results.append((losses, {n: p.grad for n, p in
+                                 model.named_parameters()}))
+    (ref, ref_grads), (ours, our_grads) = results
+    torch.testing.assert_close(ours['decode.loss_ce'], ref['decode.loss_ce'],
+                               rtol=1e-5, atol=0)
+    for name, grad in ref_grads.items():
+        err = (our_grads[name] - grad).norm() / (grad.norm() + 1e-12)
+        if not name.endswith('norm1.bias'):  # zero vs rounding noise
+            assert err < 1e-3, f'{name}: {err:.3g}'

@@ -5,7 +5,8 @@
         --modes infer train --markdown bench.md --plot bench.png
 
 One run builds the config's segmentor twice with identical weights: *ours*
-(the config as is, plus ``--fast``/``--channels-last``/``--compile``) and
+(the config with the fast path, as the ``*_fast`` configs set it, unless
+``--no-fast``; ``--channels-last``/``--compile`` select parts of it) and
 the *reference*, the same FPN/FPNHead over MMPretrain 1.2.0's PoolFormer source
 (:mod:`poolformer_seg.utils.upstream`), eager, NCHW. For every mode, input
 size and batch size the variants (model x dtype) are timed in turns, so that
@@ -87,9 +88,11 @@ def parse_args(argv=None):
     p.add_argument('--channels-last', action='store_true',
                    help='ours: backbone channels_last=True (the neck and '
                    'head follow their input layout)')
-    p.add_argument('--fast', action='store_true',
-                   help='ours: the whole fast path: backbone fused=True and '
-                   'channels_last=True, and FastFPNHead for FPNHead')
+    p.add_argument('--fast', action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help='ours: the fast path (backbone fused=True and '
+                   'channels_last=True, FastFPNHead for FPNHead), as the '
+                   '*_fast configs set it; --no-fast: the config as it is')
     p.add_argument('--compile', action='store_true',
                    help='ours: backbone compile=True, fused=False '
                    '(torch.compile)')
@@ -520,7 +523,8 @@ def environment(args):
                    sys.argv[1:]),
                torch=torch.__version__, device=args.device, cpu=cpu,
                threads=args.threads, cpu_count=os.cpu_count(),
-               config=args.config, channels_last=args.channels_last,
+               config=args.config, fast=args.fast,
+               channels_last=args.channels_last or args.fast,
                compile=args.compile, weights=args.checkpoint or
                f'random (seed {args.seed})', repeats=args.repeats,
                warmup=args.warmup)
@@ -541,8 +545,10 @@ def to_markdown(report):
         f"`{env['command']}`", '',
         f"{env['date']}; torch {env['torch']}; {env['device']} "
         f"({env.get('gpu', env['cpu'])}); {env['threads']} threads; "
-        f"weights: {env['weights']}; median of {env['repeats']} runs "
-        f"after {env['warmup']} warm-up.", '',
+        f"weights: {env['weights']}; ours: "
+        f"{'fast path' if env.get('fast') else 'the config as it is'}; "
+        f"median of {env['repeats']} runs after {env['warmup']} warm-up.",
+        '',
         '| mode | size | batch | model | dtype | median ms | img/s '
         '| x ref fp32 | x ref same dtype | CPU ms | CPU x ref fp32 '
         '| peak mem +MB | mem / ref |',

@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import S12_CONFIG
 
-FAST = ['--channels-last', '--cfg-options', 'model.backbone.fused=True']
+FAST = []  # the default: --fast
 
 
 @pytest.fixture(scope='module')
@@ -50,7 +50,7 @@ def test_report_has_every_variant_with_medians_and_ratios(report):
         assert r['speedup_vs_ref_fp32'] == pytest.approx(
             ref['median_ms'] / r['median_ms'])
     env = data['environment']
-    assert env['channels_last'] and env['threads'] == 1
+    assert env['fast'] and env['channels_last'] and env['threads'] == 1
     assert {(s['model'], s['dtype'], s['mode']) for s in data['scaling']} \
         == {(m, d, mode) for m in ('ours', 'reference')
             for d in ('fp32', 'bf16') for mode in ('infer', 'train')}

@@ -1,3 +1,3 @@
-from .resized_cross_entropy import resized_cross_entropy
+from .resized_loss import resized_cross_entropy
 
 __all__ = ['resized_cross_entropy']

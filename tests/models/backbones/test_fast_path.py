@@ -222,6 +222,50 @@ def test_fused_needs_groupnorm1_and_excludes_compile():
         PoolFormer(TINY, fused=True, compile=True)
 
 
+def test_fused_inference_reuses_folded_weights_until_they_change():
+    plain, fast = make_pair(fused=True)
+    plain.eval(), fast.eval()
+    x = image()
+    block = fast.stages[0].blocks[0]
+    with torch.no_grad():
+        for _ in range(2):  # second call: folded weights from the cache
+            torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=0)
+        assert set(block._folded) == {torch.float32}
+        cached = block._folded[torch.float32][1][0]
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            fast(x)  # its own entry; the fp32 one stays
+        assert set(block._folded) == {torch.float32, torch.bfloat16}
+        assert block._folded[torch.float32][1][0] is cached
+        # an in-place update (an optimizer step, load_state_dict) is seen
+        for model in (plain, fast):
+            for name in ('mlp.fc1.weight', 'norm2.bias', 'layer_scale2'):
+                model.stages[0].blocks[0].get_parameter(name).mul_(1.5)
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=0)
+    fast.train()
+    assert block._folded == {}
+    with torch.no_grad():
+        fast(x)  # training mode never fills the cache
+    assert block._folded == {}
+
+
+def test_bf16_linear_gelu_is_fused_and_accurate():
+    """The oneDNN op behind the bf16 MLP (private PyTorch API) still
+    exists and computes gelu(x W^T + b) with one rounding."""
+    from poolformer_seg.models.backbones.fast_ops import _linear_gelu
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=gen) for s in
+               ((300, 48), (192, 48), (192, )))
+    want = torch.nn.functional.gelu(x.bfloat16().float() @
+                                    w.bfloat16().float().t() +
+                                    b.bfloat16().float())
+    got = _linear_gelu(x.bfloat16(), w.bfloat16(), b.bfloat16())
+    assert got.dtype == torch.bfloat16
+    # within the final rounding to bf16 (relative 2^-8), nothing more
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-6)
+    torch.testing.assert_close(_linear_gelu(x, w, b),
+                               torch.nn.functional.gelu(x @ w.t() + b))
+
+
 # ----------------------------------------------------------------------------
 # bf16 autocast
 

@@ -1,0 +1,148 @@
+"""FastFPNHead computes FPNHead's function: loss, accuracy, gradients and
+inference logits, on the same weights; its output buffer is reused only
+when nothing can observe it."""
+import pytest
+import torch
+from mmengine.structures import PixelData
+from mmseg.models.decode_heads import FPNHead
+from mmseg.structures import SegDataSample
+
+from poolformer_seg.models import FastFPNHead
+from tests.helpers.upstream import randomize_
+
+HEAD = dict(in_channels=[8, 8, 8, 8], in_index=[0, 1, 2, 3],
+            feature_strides=[4, 8, 16, 32], channels=6, dropout_ratio=0.,
+            num_classes=5, norm_cfg=dict(type='BN'), align_corners=False,
+            loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False,
+                             loss_weight=.7))
+
+
+def make_pair(**overrides):
+    cfg = {**HEAD, **overrides}
+    plain = randomize_(FPNHead(**cfg), 0)
+    fast = FastFPNHead(**cfg)
+    fast.load_state_dict(plain.state_dict(), strict=True)
+    return plain, fast
+
+
+def features(size=(16, 12), batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 8, size[0] // s, size[1] // s, generator=gen)
+            for s in (1, 2, 4, 8)]
+
+
+def samples(size=(64, 48), batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batch):
+        label = torch.randint(0, 5, (1, *size), generator=gen)
+        label[:, :3] = 255
+        sample = SegDataSample(metainfo=dict(img_shape=size, pad_shape=size))
+        sample.gt_sem_seg = PixelData(data=label)
+        out.append(sample)
+    return out
+
+
+def loss_and_grads(head, feats, batch):
+    head.train()
+    losses = head.loss(feats, batch, train_cfg={})
+    losses['loss_ce'].backward()
+    return losses, {n: p.grad.clone() for n, p in head.named_parameters()}
+
+
+@pytest.mark.parametrize('avg_non_ignore', [False, True])
+def test_training_loss_and_gradients_equal_fpn_head(avg_non_ignore):
+    loss_cfg = dict(HEAD['loss_decode'], avg_non_ignore=avg_non_ignore)
+    plain, fast = make_pair(loss_decode=loss_cfg)
+    feats, batch = features(), samples()
+    ref, ref_grads = loss_and_grads(plain, feats, batch)
+    ours, our_grads = loss_and_grads(fast, feats, batch)
+    assert ours.keys() == ref.keys() == {'loss_ce', 'acc_seg'}
+    torch.testing.assert_close(ours['loss_ce'], ref['loss_ce'], rtol=1e-6,
+                               atol=0)
+    torch.testing.assert_close(ours['acc_seg'], ref['acc_seg'])
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-5,
+                                   atol=1e-8, msg=name)
+    # BN running statistics moved alike
+    torch.testing.assert_close(fast.state_dict(), plain.state_dict())
+
+
+def test_inference_equals_fpn_head_and_reuses_only_free_buffers():
+    plain, fast = make_pair()
+    plain.eval(), fast.eval()
+    metas = [s.metainfo for s in samples()]
+    with torch.no_grad():
+        first = fast.predict(features(seed=1), metas, {})
+        torch.testing.assert_close(
+            first, plain.predict(features(seed=1), metas, {}))
+        held = first.data_ptr()
+        # the caller still holds `first`: a new buffer, `first` untouched
+        kept = first.clone()
+        second = fast.predict(features(seed=2), metas, {})
+        assert second.data_ptr() != held
+        torch.testing.assert_close(first, kept)
+        # a view of the output keeps its memory in use too
+        view, address = second[1:], second.data_ptr()
+        del second
+        third = fast.predict(features(seed=3), metas, {})
+        assert third.data_ptr() != address
+        del view, third
+        # dropped: the same memory comes back, fully rewritten
+        fourth = fast.predict(features(seed=4), metas, {})
+        torch.testing.assert_close(
+            fourth, plain.predict(features(seed=4), metas, {}))
+        address = fourth.data_ptr()
+        del fourth
+        assert fast.predict(features(seed=5), metas, {}).data_ptr() == address
+
+
+def test_output_saved_by_autograd_is_not_reused():
+    _, fast = make_pair()
+    fast.eval()
+    metas = [s.metainfo for s in samples()]
+    with torch.no_grad():
+        out = fast.predict(features(seed=1), metas, {})
+    weight = torch.ones(1, requires_grad=True)
+    product = out * weight  # autograd keeps `out` for the backward
+    address, kept = out.data_ptr(), out.clone()
+    del out
+    with torch.no_grad():
+        assert fast.predict(features(seed=2), metas, {}).data_ptr() \
+            != address
+    product.sum().backward()
+    torch.testing.assert_close(weight.grad, kept.sum().reshape(1))
+
+
+def test_train_mode_releases_the_buffer():
+    _, fast = make_pair()
+    fast.eval()
+    with torch.no_grad():
+        fast.predict(features(), [s.metainfo for s in samples()], {})
+    assert fast._output._last
+    fast.train()
+    assert not fast._output._last
+
+
+def test_classifier_and_logits_stay_fp32_under_autocast():
+    plain, fast = make_pair()
+    plain.eval(), fast.eval()
+    metas = [s.metainfo for s in samples()]
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        ours = fast.predict(features(), metas, {})
+        ref = plain.predict(features(), metas, {})
+    assert ours.dtype == torch.float32 and ref.dtype == torch.bfloat16
+    exact = plain.predict(features(), metas, {})
+    assert (ours - exact).abs().mean() < (ref.float() - exact).abs().mean()
+
+
+@pytest.mark.parametrize('change', [
+    dict(loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=True)),
+    dict(loss_decode=dict(type='CrossEntropyLoss', class_weight=[1.] * 5)),
+    dict(loss_decode=[dict(type='CrossEntropyLoss'),
+                      dict(type='DiceLoss')]),
+    dict(sampler=dict(type='OHEMPixelSampler', thresh=.7)),
+])
+def test_unsupported_losses_are_refused_at_build(change):
+    with pytest.raises(ValueError, match='FastFPNHead supports'):
+        FastFPNHead(**{**HEAD, **change})
