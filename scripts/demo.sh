@@ -15,12 +15,13 @@
 # trains at an almost constant lr of 2e-4.
 #
 # Environment: ITERS (default 20), DATA (default data/ade_synthetic),
+# CONFIG (default the S12 config; its *_fast twin computes the same, faster),
 # WORK (default work_dirs/demo_s12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=.venv/bin/python
-CONFIG=configs/fpn_poolformer_s12_ade20k.py
+CONFIG=${CONFIG:-configs/fpn_poolformer_s12_ade20k.py}
 ITERS=${ITERS:-20}
 DATA=${DATA:-data/ade_synthetic}
 WORK=${WORK:-work_dirs/demo_s12}

@@ -120,8 +120,12 @@ def _forward(x, coef, folded, keep, pool_size, eps1, eps2):
 
 
 def _cached_fold(cache, params, dtype):
-    """:func:`_fold`, reused while the parameters are unchanged (same
-    tensors, same in-place version counters, e.g. no optimizer step)."""
+    """:func:`_fold`, reused while the parameters are unchanged: the same
+    tensors with the same version counters, which every in-place update
+    (optimizer step, ``load_state_dict``) advances. Writes through
+    ``param.data`` bypass the counter; the owner clears the cache on every
+    ``train()``/``eval()``, which is how mmengine's EMA hook swaps weights
+    (``.data`` copies, then a mode switch)."""
     key = tuple((t.data_ptr(), t._version) for t in params.values())
     if dtype not in cache or cache[dtype][0] != key:
         cache[dtype] = (key, _fold(params, dtype))

@@ -46,6 +46,8 @@ class RecycledOutput:
         if last is None or last.shape != shape or \
                 not last.is_contiguous(memory_format=_memory_format(like)):
             return None
+        if last.is_inference() and not torch.is_inference_mode_enabled():
+            return None  # made under inference_mode: read-only outside it
         # 2: ``last`` and getrefcount's argument
         if sys.getrefcount(last) > 2 or last._use_count() > 1 or \
                 _storage_users(last) > 1:

@@ -248,6 +248,20 @@ def test_fused_inference_reuses_folded_weights_until_they_change():
     assert block._folded == {}
 
 
+def test_fold_cache_follows_an_ema_style_weight_swap():
+    """mmengine's EMA hook swaps weights in through ``.data`` (no version
+    bump), then switches mode: the next forward sees the new weights."""
+    plain, fast = make_pair(fused=True)
+    x = image()
+    with torch.no_grad():
+        fast.eval()(x)  # fills the cache
+        for model in (plain, fast):
+            for p in model.parameters():
+                p.data.copy_(p.data * 1.1)
+        torch.testing.assert_close(fast.eval()(x), plain.eval()(x),
+                                   atol=1e-5, rtol=0)
+
+
 def test_bf16_linear_gelu_is_fused_and_accurate():
     """The oneDNN op behind the bf16 MLP (private PyTorch API) still
     exists and computes gelu(x W^T + b) with one rounding."""

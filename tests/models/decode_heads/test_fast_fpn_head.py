@@ -114,6 +114,20 @@ def test_output_saved_by_autograd_is_not_reused():
     torch.testing.assert_close(weight.grad, kept.sum().reshape(1))
 
 
+def test_buffer_made_under_inference_mode_is_not_written_outside_it():
+    plain, fast = make_pair()
+    plain.eval(), fast.eval()
+    metas = [s.metainfo for s in samples()]
+    with torch.inference_mode():
+        assert fast.predict(features(seed=1), metas, {}).is_inference()
+    with torch.no_grad():
+        # writing into the inference tensor here would raise
+        out = fast.predict(features(seed=2), metas, {})
+        assert not out.is_inference()
+        torch.testing.assert_close(
+            out, plain.predict(features(seed=2), metas, {}))
+
+
 def test_train_mode_releases_the_buffer():
     _, fast = make_pair()
     fast.eval()
