@@ -16,6 +16,7 @@ from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 from tests.conftest import REPO
+from tests.helpers.upstream import randomize_
 
 VARIANTS = ('s12', 's24', 's36', 'm36', 'm48')
 # Parameter counts of mmseg 1.2.2's own PoolFormer configs (built with
@@ -158,8 +159,9 @@ def fast_config_path(variant):
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_fast_config_computes_the_plain_config(variant):
     """The *_fast configs differ only by the fast path: same parameters,
-    same logits, same training loss and gradients (within fp32
-    rounding)."""
+    the same logits in fp32 (to 1e-4), and in float64 the same training
+    loss and gradients to 1e-9 (fp32 alone cannot tell: BN over the 3x4
+    stride-32 maps of a small batch amplifies rounding to ~1e-2)."""
     init_default_scope('mmseg')
     models = []
     for path in (config_path(variant), fast_config_path(variant)):
@@ -169,6 +171,8 @@ def test_fast_config_computes_the_plain_config(variant):
     plain, fast = models
     assert fast.backbone.fused and fast.backbone.channels_last
     assert type(fast.decode_head).__name__ == 'FastFPNHead'
+    with torch.no_grad():  # non-trivial weights: healthy gradients
+        randomize_(plain, 0)
     fast.load_state_dict(plain.state_dict(), strict=True)
 
     gen = torch.Generator().manual_seed(0)
@@ -187,17 +191,17 @@ def test_fast_config_computes_the_plain_config(variant):
                                    plain.encode_decode(images, metas),
                                    atol=1e-4, rtol=0)
     results = []
-    for model in (plain, fast):
+    for model in (plain.double(), fast.double()):
         model.train()
         torch.manual_seed(0)  # the same dropout mask in the head
-        losses = model.loss(images, batch)
+        losses = model.loss(images.double(), batch)
         losses['decode.loss_ce'].backward()
         results.append((losses, {n: p.grad for n, p in
                                  model.named_parameters()}))
     (ref, ref_grads), (ours, our_grads) = results
     torch.testing.assert_close(ours['decode.loss_ce'], ref['decode.loss_ce'],
-                               rtol=1e-5, atol=0)
+                               rtol=1e-12, atol=0)
     for name, grad in ref_grads.items():
-        err = (our_grads[name] - grad).norm() / (grad.norm() + 1e-12)
+        err = (our_grads[name] - grad).norm() / (grad.norm() + 1e-30)
         if not name.endswith('norm1.bias'):  # zero vs rounding noise
-            assert err < 1e-3, f'{name}: {err:.3g}'
+            assert err < 1e-9, f'{name}: {err:.3g}'

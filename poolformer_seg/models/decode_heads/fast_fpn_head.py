@@ -85,6 +85,9 @@ class FastFPNHead(FPNHead):
     therefore keeps its last output's memory between calls (until
     ``train()``).
 
+    Forward: ``FPNHead``'s, minus three resizes to the same size (copies)
+    and with the scale heads summed in place when no gradient is needed.
+
     Mixed precision: under autocast the classifier ``conv_seg`` runs in
     fp32, so the logits (and the loss computed from them) are fp32.
 
@@ -109,6 +112,22 @@ class FastFPNHead(FPNHead):
                 f'{kwargs.get("sampler")!r}. Use type="FPNHead" for others')
         self._output = RecycledOutput()
 
+    def forward(self, inputs):
+        """``FPNHead.forward`` without its no-op resizes: each scale head
+        already upsamples to the size of the first, and a bilinear resize to
+        the same size only copies. The sum is taken in place when no
+        gradient needs the summands."""
+        x = self._transform_inputs(inputs)
+        output = self.scale_heads[0](x[0])
+        in_place = not (torch.is_grad_enabled() and output.requires_grad)
+        for scale_head, feature in zip(self.scale_heads[1:], x[1:]):
+            head = scale_head(feature)
+            if head.shape[2:] != output.shape[2:]:
+                head = resize(head, size=output.shape[2:], mode='bilinear',
+                              align_corners=self.align_corners)
+            output = output.add_(head) if in_place else output + head
+        return self.cls_seg(output)
+
     def cls_seg(self, feat):
         """The classifier, in fp32 even under autocast: bf16 keeps 8 bits
         of mantissa, too coarse for logits whose top two classes are often
@@ -117,7 +136,7 @@ class FastFPNHead(FPNHead):
         if self.dropout is not None:
             feat = self.dropout(feat)
         with torch.autocast(feat.device.type, enabled=False):
-            return self.conv_seg(feat.float())
+            return self.conv_seg(feat.to(self.conv_seg.weight.dtype))
 
     def loss_by_feat(self, seg_logits, batch_data_samples) -> dict:
         seg_label = self._stack_batch_gt(batch_data_samples).squeeze(1)

@@ -23,8 +23,8 @@ logits are exactly 1/4 of the crop) and ``align_corners=False``; then a
 block's resize uses the full resize's source rows and weights exactly.
 Otherwise the whole image is one block: the same kernels, no memory saved.
 
-The logits are cast to fp32 before the resize, so under bf16/fp16 autocast
-the softmax, the loss and the accuracy are computed in fp32.
+The logits are cast to at least fp32 before the resize, so under bf16/fp16
+autocast the softmax, the loss and the accuracy are computed in fp32.
 """
 from typing import List, NamedTuple, Tuple
 
@@ -89,8 +89,9 @@ class _ResizedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, valid, align_corners):
-        x = logits.detach().float().contiguous(
-            memory_format=torch.channels_last)
+        x = logits.detach().to(torch.promote_types(
+            logits.dtype, torch.float32)).contiguous(
+                memory_format=torch.channels_last)
         num_classes, h = x.shape[1:3]
         out_h, out_w = labels.shape[1:]
         blocks = _blocks(h, out_h, out_w, num_classes, align_corners)
