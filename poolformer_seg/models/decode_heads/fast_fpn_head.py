@@ -154,9 +154,12 @@ class FastFPNHead(FPNHead):
             size = tuple(meta['img_shape'])
         else:
             size = tuple(meta.get('pad_shape', meta['img_shape'])[:2])
-        out = None
-        if not (torch.is_grad_enabled() and seg_logits.requires_grad):
-            out = self._output.take(seg_logits, seg_logits.shape[:2] + size)
+        if torch.is_grad_enabled() and seg_logits.requires_grad:
+            # a differentiable output: computed afresh, never kept (keeping
+            # it would keep its autograd graph alive)
+            return resize(seg_logits, size=size, mode='bilinear',
+                          align_corners=self.align_corners)
+        out = self._output.take(seg_logits, seg_logits.shape[:2] + size)
         if out is None:
             return self._output.keep(resize(
                 seg_logits, size=size, mode='bilinear',

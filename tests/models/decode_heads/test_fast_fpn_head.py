@@ -128,6 +128,15 @@ def test_buffer_made_under_inference_mode_is_not_written_outside_it():
             out, plain.predict(features(seed=2), metas, {}))
 
 
+def test_differentiable_outputs_are_correct_and_not_kept():
+    plain, fast = make_pair()
+    plain.eval(), fast.eval()
+    metas = [s.metainfo for s in samples()]
+    out = fast.predict(features(), metas, {})  # grad enabled
+    assert out.requires_grad and not fast._output._last
+    torch.testing.assert_close(out, plain.predict(features(), metas, {}))
+
+
 def test_train_mode_releases_the_buffer():
     _, fast = make_pair()
     fast.eval()
