@@ -62,6 +62,10 @@ class RecycledOutput:
         self._last.clear()
 
 
+def _needs_grad(tensor) -> bool:
+    return torch.is_grad_enabled() and tensor.requires_grad
+
+
 def _memory_format(tensor):
     channels_last = tensor.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if channels_last and \
@@ -91,8 +95,8 @@ class FastFPNHead(FPNHead):
     Mixed precision: under autocast the classifier ``conv_seg`` runs in
     fp32, so the logits (and the loss computed from them) are fp32.
 
-    Layers, state-dict keys and ``forward`` are ``FPNHead``'s, so
-    checkpoints move freely between the two types. The loss of the
+    Layers and state-dict keys are ``FPNHead``'s, so checkpoints move
+    freely between the two types. The loss of the
     published configs is supported, and anything else is refused at build
     time: one ``CrossEntropyLoss`` with softmax (``use_sigmoid=False``),
     no ``class_weight`` and no pixel ``sampler``; ``avg_non_ignore``,
@@ -119,7 +123,7 @@ class FastFPNHead(FPNHead):
         gradient needs the summands."""
         x = self._transform_inputs(inputs)
         output = self.scale_heads[0](x[0])
-        in_place = not (torch.is_grad_enabled() and output.requires_grad)
+        in_place = not _needs_grad(output)
         for scale_head, feature in zip(self.scale_heads[1:], x[1:]):
             head = scale_head(feature)
             if head.shape[2:] != output.shape[2:]:
@@ -154,21 +158,17 @@ class FastFPNHead(FPNHead):
             size = tuple(meta['img_shape'])
         else:
             size = tuple(meta.get('pad_shape', meta['img_shape'])[:2])
-        if torch.is_grad_enabled() and seg_logits.requires_grad:
-            # a differentiable output: computed afresh, never kept (keeping
-            # it would keep its autograd graph alive)
-            return resize(seg_logits, size=size, mode='bilinear',
-                          align_corners=self.align_corners)
-        out = self._output.take(seg_logits, seg_logits.shape[:2] + size)
+        out = None if _needs_grad(seg_logits) else self._output.take(
+            seg_logits, seg_logits.shape[:2] + size)
         if out is None:
-            return self._output.keep(resize(
-                seg_logits, size=size, mode='bilinear',
-                align_corners=self.align_corners))
-        # F.interpolate(size=...) runs this op; here with an output given
-        torch._C._nn.upsample_bilinear2d(seg_logits, list(size),
-                                         self.align_corners, None, None,
-                                         out=out)
-        return self._output.keep(out)
+            out = resize(seg_logits, size=size, mode='bilinear',
+                         align_corners=self.align_corners)
+        else:  # the op F.interpolate(size=...) runs, into the given output
+            torch._C._nn.upsample_bilinear2d(seg_logits, list(size),
+                                             self.align_corners, None, None,
+                                             out=out)
+        # a differentiable output is never kept: it holds its autograd graph
+        return out if out.requires_grad else self._output.keep(out)
 
     def train(self, mode: bool = True):
         if mode:

@@ -65,18 +65,25 @@ def _blocks(h: int, out_h: int, out_w: int, num_classes: int,
     return blocks
 
 
-def _resize_block(x, image, block, out_w, align_corners):
-    """Channels-last ``1 x K x out_rows x out_w`` logits of one block."""
-    return F.interpolate(x[image:image + 1, :, block.start:block.stop],
-                         size=(block.out_rows, out_w), mode='bilinear',
-                         align_corners=align_corners)
-
-
-def _label_rows(resized, block):
-    """The block's label rows of ``resized`` as ``count*W x K`` (a view)."""
-    return resized.permute(0, 2, 3, 1)[0, block.first:block.first +
-                                       block.count].reshape(
-                                           -1, resized.shape[1])
+def _label_blocks(x, labels, align_corners):
+    """Per image and block: ``(image, block, resized, rows, label_rows)``,
+    ``resized`` the channels-last ``1 x K x out_rows x W`` logits of the
+    block, ``rows`` the view of its label rows as ``count*W x K``, and
+    ``label_rows`` those rows' slice of ``labels``."""
+    num_classes, h = x.shape[1:3]
+    out_h, out_w = labels.shape[1:]
+    blocks = _blocks(h, out_h, out_w, num_classes, align_corners)
+    for image in range(x.shape[0]):
+        for block in blocks:
+            resized = F.interpolate(
+                x[image:image + 1, :, block.start:block.stop],
+                size=(block.out_rows, out_w), mode='bilinear',
+                align_corners=align_corners)
+            rows = resized.permute(0, 2, 3, 1)[
+                0, block.first:block.first + block.count].reshape(
+                    -1, num_classes)
+            yield image, block, resized, rows, slice(
+                block.label_row, block.label_row + block.count)
 
 
 class _ResizedCrossEntropy(torch.autograd.Function):
@@ -92,28 +99,20 @@ class _ResizedCrossEntropy(torch.autograd.Function):
         x = logits.detach().to(torch.promote_types(
             logits.dtype, torch.float32)).contiguous(
                 memory_format=torch.channels_last)
-        num_classes, h = x.shape[1:3]
-        out_h, out_w = labels.shape[1:]
-        blocks = _blocks(h, out_h, out_w, num_classes, align_corners)
         lse = x.new_empty(labels.shape)
         total = x.new_zeros(())
         correct = labels.new_zeros(())
-        for image in range(x.shape[0]):
-            for block in blocks:
-                rows = _label_rows(
-                    _resize_block(x, image, block, out_w, align_corners),
-                    block)
-                label_rows = slice(block.label_row,
-                                   block.label_row + block.count)
-                target = labels[image, label_rows].reshape(-1, 1)
-                keep = valid[image, label_rows].reshape(-1)
-                log_p = torch.log_softmax(rows, 1)
-                picked = log_p.gather(1, target).view(-1)
-                # log-sum-exp = logit - log-probability, for any class
-                lse[image, label_rows] = (rows.gather(1, target).view(-1) -
-                                          picked).view(block.count, out_w)
-                correct += ((picked >= log_p.amax(1)) & keep).sum()
-                total -= picked.masked_fill_(~keep, 0).sum()
+        for image, _, _, rows, label_rows in _label_blocks(
+                x, labels, align_corners):
+            target = labels[image, label_rows].reshape(-1, 1)
+            keep = valid[image, label_rows].reshape(-1)
+            log_p = torch.log_softmax(rows, 1)
+            picked = log_p.gather(1, target).view(-1)
+            # log-sum-exp = logit - log-probability, for any class
+            lse[image, label_rows] = (rows.gather(1, target).view(-1) -
+                                      picked).view(-1, labels.shape[2])
+            correct += ((picked >= log_p.amax(1)) & keep).sum()
+            total -= picked.masked_fill_(~keep, 0).sum()
         ctx.save_for_backward(x, labels, valid, lse)
         ctx.align_corners = align_corners
         ctx.logits_dtype = logits.dtype
@@ -123,31 +122,24 @@ class _ResizedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _):
         x, labels, valid, lse = ctx.saved_tensors
-        num_classes, h, w = x.shape[1:]
-        out_h, out_w = labels.shape[1:]
+        num_classes, w = x.shape[1], x.shape[3]
         grad_x = torch.zeros_like(x)
-        minus_one = x.new_full((1, 1), -1.).expand(out_h * out_w, 1)
-        for image in range(x.shape[0]):
-            for block in _blocks(h, out_h, out_w, num_classes,
-                                 ctx.align_corners):
-                resized = _resize_block(x, image, block, out_w,
-                                        ctx.align_corners)
-                rows = _label_rows(resized, block)
-                label_rows = slice(block.label_row,
-                                   block.label_row + block.count)
-                target = labels[image, label_rows].reshape(-1, 1)
-                weight = valid[image, label_rows].reshape(-1, 1) * grad_total
-                # d(-log p_y)/d logits = softmax - onehot(y), in place
-                rows.sub_(lse[image, label_rows].reshape(-1, 1)).exp_()
-                rows.scatter_add_(1, target, minus_one[:rows.shape[0]])
-                rows.mul_(weight)
-                resized[:, :, :block.first].zero_()  # halo rows
-                resized[:, :, block.first + block.count:].zero_()
-                grad_x[image:image + 1, :, block.start:block.stop] += \
-                    torch.ops.aten.upsample_bilinear2d_backward(
-                        resized, [block.out_rows, out_w],
-                        [1, num_classes, block.stop - block.start, w],
-                        ctx.align_corners)
+        minus_one = x.new_full((1, 1), -1.).expand(labels[0].numel(), 1)
+        for image, block, resized, rows, label_rows in _label_blocks(
+                x, labels, ctx.align_corners):
+            target = labels[image, label_rows].reshape(-1, 1)
+            weight = valid[image, label_rows].reshape(-1, 1) * grad_total
+            # d(-log p_y)/d logits = softmax - onehot(y), in place
+            rows.sub_(lse[image, label_rows].reshape(-1, 1)).exp_()
+            rows.scatter_add_(1, target, minus_one[:rows.shape[0]])
+            rows.mul_(weight)
+            resized[:, :, :block.first].zero_()  # halo rows
+            resized[:, :, block.first + block.count:].zero_()
+            grad_x[image:image + 1, :, block.start:block.stop] += \
+                torch.ops.aten.upsample_bilinear2d_backward(
+                    resized, list(resized.shape[2:]),
+                    [1, num_classes, block.stop - block.start, w],
+                    ctx.align_corners)
         return grad_x.to(ctx.logits_dtype), None, None, None
 
 
