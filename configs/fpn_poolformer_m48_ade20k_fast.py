@@ -3,4 +3,5 @@
 _base_ = './fpn_poolformer_m48_ade20k.py'
 model = dict(
     backbone=dict(fused=True, channels_last=True),
+    neck=dict(type='FastFPN'),
     decode_head=dict(type='FastFPNHead'))

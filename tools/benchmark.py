@@ -91,7 +91,8 @@ def parse_args(argv=None):
     p.add_argument('--fast', action=argparse.BooleanOptionalAction,
                    default=True,
                    help='ours: the fast path (backbone fused=True and '
-                   'channels_last=True, FastFPNHead for FPNHead), as the '
+                   'channels_last=True, FastFPN for FPN, FastFPNHead for '
+                   'FPNHead), as the '
                    '*_fast configs set it; --no-fast: the config as it is')
     p.add_argument('--compile', action='store_true',
                    help='ours: backbone compile=True, fused=False '
@@ -138,6 +139,8 @@ def model_config(args):
         model.backbone.channels_last = True
     if args.fast:
         model.backbone.fused = True
+        if model.get('neck', {}).get('type') == 'FPN':
+            model.neck.type = 'FastFPN'
         if model.decode_head.get('type') == 'FPNHead':
             model.decode_head.type = 'FastFPNHead'
     if args.compile:  # inductor fuses the plain block itself
@@ -176,17 +179,21 @@ def randomize_(model, seed):
 
 
 def reference_of(ours):
-    """The same segmentor with mmpretrain's PoolFormer and mmseg's FPNHead;
-    same weights."""
+    """The same segmentor with mmpretrain's PoolFormer and mmseg's FPN and
+    FPNHead; same weights."""
     from mmseg.models.decode_heads import FPNHead
-    from poolformer_seg.models import FastFPNHead
+    from mmseg.models.necks import FPN
+    from poolformer_seg.models import FastFPN, FastFPNHead
     from poolformer_seg.utils.upstream import build_reference
     ref = copy.deepcopy(ours)
     # eager, NCHW, plain: only our backbone knows the fast-path flags
     ref.backbone = build_reference(ours.backbone)
+    # FastFPN and FastFPNHead only change how FPN and FPNHead compute:
+    # with the plain class, the same module (layers, weights, settings) is
+    # mmseg's
+    if isinstance(getattr(ref, 'neck', None), FastFPN):
+        ref.neck.__class__ = FPN
     if isinstance(ref.decode_head, FastFPNHead):
-        # FastFPNHead only overrides the loss: as an FPNHead, the same
-        # module (layers, weights, settings) is mmseg's plain head
         ref.decode_head.__class__ = FPNHead
     ref.to(memory_format=torch.contiguous_format)
     return ref

@@ -1,5 +1,6 @@
 from .backbones import PoolFormer
 from .decode_heads import FastFPNHead
 from .losses import resized_cross_entropy
+from .necks import FastFPN
 
-__all__ = ['PoolFormer', 'FastFPNHead', 'resized_cross_entropy']
+__all__ = ['PoolFormer', 'FastFPN', 'FastFPNHead', 'resized_cross_entropy']

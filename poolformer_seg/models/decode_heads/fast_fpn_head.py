@@ -4,7 +4,7 @@ import sys
 import torch
 from mmseg.models.decode_heads import FPNHead
 from mmseg.models.losses import CrossEntropyLoss
-from mmseg.models.utils import resize
+from mmseg.models.utils import Upsample, resize
 from mmseg.registry import MODELS
 
 from ..losses import resized_cross_entropy
@@ -89,8 +89,9 @@ class FastFPNHead(FPNHead):
     therefore keeps its last output's memory between calls (until
     ``train()``).
 
-    Forward: ``FPNHead``'s, minus three resizes to the same size (copies)
-    and with the scale heads summed in place when no gradient is needed.
+    Forward: ``FPNHead``'s, minus three resizes to the same size (copies);
+    when no gradient is needed the scale heads are summed in place, and
+    the head keeps one scratch tensor for their upsampling between calls.
 
     Mixed precision: under autocast the classifier ``conv_seg`` runs in
     fp32, so the logits (and the loss computed from them) are fp32.
@@ -115,22 +116,59 @@ class FastFPNHead(FPNHead):
                 f'{kwargs.get("loss_decode")!r}, sampler='
                 f'{kwargs.get("sampler")!r}. Use type="FPNHead" for others')
         self._output = RecycledOutput()
+        self._scratch = RecycledOutput()  # see forward
 
     def forward(self, inputs):
         """``FPNHead.forward`` without its no-op resizes: each scale head
         already upsamples to the size of the first, and a bilinear resize to
-        the same size only copies. The sum is taken in place when no
-        gradient needs the summands."""
+        the same size only copies.
+
+        When no gradient needs the summands, the sum is taken in place, and
+        each scale head's final 2x upsampling writes into one scratch
+        tensor, kept between calls (:meth:`_scale_head_into`): at
+        1024x2048 these are three 64 MB temporaries per call otherwise,
+        each paid for again in page faults."""
         x = self._transform_inputs(inputs)
         output = self.scale_heads[0](x[0])
-        in_place = not _needs_grad(output)
+        if _needs_grad(output):
+            for scale_head, feature in zip(self.scale_heads[1:], x[1:]):
+                output = output + self._to_size(scale_head(feature), output)
+            return self.cls_seg(output)
+        scratch = self._scratch.take(output, output.shape)
         for scale_head, feature in zip(self.scale_heads[1:], x[1:]):
-            head = scale_head(feature)
-            if head.shape[2:] != output.shape[2:]:
-                head = resize(head, size=output.shape[2:], mode='bilinear',
-                              align_corners=self.align_corners)
-            output = output.add_(head) if in_place else output + head
+            head = self._scale_head_into(scale_head, feature, scratch)
+            output.add_(self._to_size(head, output))
+            if head.shape == output.shape and head.dtype == output.dtype:
+                scratch = head
+            del head  # so that ``scratch`` is the only reference left
+        if scratch is not None:
+            self._scratch.keep(scratch)
         return self.cls_seg(output)
+
+    def _to_size(self, head, output):
+        if head.shape[2:] == output.shape[2:]:
+            return head
+        return resize(head, size=output.shape[2:], mode='bilinear',
+                      align_corners=self.align_corners)
+
+    @staticmethod
+    def _scale_head_into(scale_head, feature, out):
+        """``scale_head(feature)``, with its final :class:`Upsample`
+        written into ``out`` when that has the result's shape, dtype and
+        memory format (the same ATen op as ``Upsample`` calls)."""
+        *body, last = scale_head
+        if out is None or not isinstance(last, Upsample) or last.size or \
+                last.mode != 'bilinear':
+            return scale_head(feature)
+        for module in body:
+            feature = module(feature)
+        size = [int(t * last.scale_factor) for t in feature.shape[-2:]]
+        if out.shape != feature.shape[:2] + tuple(size) or \
+                out.dtype != feature.dtype or not out.is_contiguous(
+                    memory_format=_memory_format(feature)):
+            return last(feature)
+        return torch._C._nn.upsample_bilinear2d(
+            feature, size, last.align_corners, None, None, out=out)
 
     def cls_seg(self, feat):
         """The classifier, in fp32 even under autocast: bf16 keeps 8 bits
@@ -173,4 +211,5 @@ class FastFPNHead(FPNHead):
     def train(self, mode: bool = True):
         if mode:
             self._output.clear()
+            self._scratch.clear()
         return super().train(mode)

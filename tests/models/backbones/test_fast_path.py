@@ -248,6 +248,71 @@ def test_fused_inference_reuses_folded_weights_until_they_change():
     assert block._folded == {}
 
 
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('batch', [1, 3])
+def test_blockwise_inference_equals_the_whole_tensor_forward(
+        monkeypatch, dtype, batch):
+    """Blocks of MLP rows and statistics slices (forced small, the last one
+    ragged) compute the block's output; the MLP never sees more rows than
+    a block holds."""
+    from poolformer_seg.models.backbones import fast_ops
+    block = make_block(channels=6, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = (3 + torch.randn(batch, 6, 13, 11, generator=gen, dtype=dtype)
+         ).contiguous(memory_format=torch.channels_last)
+    coef = (block.layer_scale1 * block.norm1.weight).expand(batch, -1)
+    params = dict(zip(fast_ops._PARAMS, (
+        block.norm1.bias, block.norm2.weight, block.norm2.bias,
+        block.mlp.fc1.weight.flatten(1), block.mlp.fc1.bias,
+        block.mlp.fc2.weight.flatten(1), block.mlp.fc2.bias,
+        block.layer_scale2)))
+    rows_seen = []
+    whole_linear_gelu = fast_ops._linear_gelu
+    monkeypatch.setattr(fast_ops, '_linear_gelu', lambda x, w, b: (
+        rows_seen.append(x.shape[0]), whole_linear_gelu(x, w, b))[1])
+    monkeypatch.setattr(fast_ops, 'BLOCK_BYTES', 24 * 17 * x.element_size())
+    with torch.no_grad():
+        folded = fast_ops._fold(params, dtype)
+        want, _ = fast_ops._forward(x.clone(), coef, folded, None, 3,
+                                    block.norm1.eps, block.norm2.eps)
+        rows_seen.clear()
+        got = fast_ops._forward_rows(x, coef, folded, 3, block.norm1.eps,
+                                     block.norm2.eps)
+    assert max(rows_seen) == 17 and sum(rows_seen) == batch * 13 * 11
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    atol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize('offset', [0., 1e3])
+def test_blockwise_statistics_equal_whole_tensor_statistics(
+        monkeypatch, offset):
+    """Slices are combined exactly, a mean far from zero included."""
+    from poolformer_seg.models.backbones import fast_ops
+    gen = torch.Generator().manual_seed(0)
+    x = (offset + torch.randn(2, 5, 9, 7, generator=gen)).contiguous(
+        memory_format=torch.channels_last)
+    monkeypatch.setattr(fast_ops, 'BLOCK_BYTES', 40 * x.element_size())
+    mean, rstd = fast_ops._stats_blockwise(x, 1e-5)
+    exact = x.double().flatten(1)
+    torch.testing.assert_close(mean.double(), exact.mean(1), rtol=0,
+                               atol=1e-6 * (1 + offset))
+    want_rstd = (exact.var(1, unbiased=False) + 1e-5).rsqrt()
+    # float32 slice statistics: within a few float32 roundings
+    torch.testing.assert_close(rstd.double(), want_rstd, rtol=2e-5, atol=0)
+    assert mean.dtype == rstd.dtype == torch.float32
+
+
+def test_fused_backbone_with_small_blocks_equals_plain(monkeypatch):
+    from poolformer_seg.models.backbones import fast_ops
+    monkeypatch.setattr(fast_ops, 'BLOCK_BYTES', 4096)
+    plain, fast = make_pair(fused=True, channels_last=True)
+    x = image()
+    with torch.no_grad():
+        for a, b in zip(fast.eval()(x), plain.eval()(x)):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+
+
 def test_fold_cache_follows_an_ema_style_weight_swap():
     """mmengine's EMA hook swaps weights in through ``.data`` (no version
     bump), then switches mode: the next forward sees the new weights."""

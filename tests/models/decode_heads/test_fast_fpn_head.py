@@ -169,3 +169,71 @@ def test_classifier_and_logits_stay_fp32_under_autocast():
 def test_unsupported_losses_are_refused_at_build(change):
     with pytest.raises(ValueError, match='FastFPNHead supports'):
         FastFPNHead(**{**HEAD, **change})
+
+
+def conv_seg_input(head, feats):
+    """What the classifier sees: the sum of the scale heads."""
+    seen = []
+    hook = head.conv_seg.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].clone()))
+    try:
+        head(feats)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_scale_heads_share_one_scratch_kept_between_calls(channels_last):
+    plain, fast = make_pair()
+    plain.eval(), fast.eval()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def feats(seed, size=(16, 12)):
+        return [x.contiguous(memory_format=layout)
+                for x in features(size, seed=seed)]
+
+    with torch.no_grad():
+        assert torch.equal(conv_seg_input(fast, feats(1)),
+                           conv_seg_input(plain, feats(1)))
+        scratch = fast._scratch._last
+        assert len(scratch) == 1
+        (address, ) = (t.data_ptr() for t in scratch.values())
+        # the next call of the same size writes into the same scratch
+        assert torch.equal(conv_seg_input(fast, feats(2)),
+                           conv_seg_input(plain, feats(2)))
+        assert [t.data_ptr() for t in scratch.values()] == [address]
+        # another size: a new scratch, the same result
+        assert torch.equal(conv_seg_input(fast, feats(3, (32, 8))),
+                           conv_seg_input(plain, feats(3, (32, 8))))
+    fast.train()
+    assert not fast._scratch._last
+
+
+def test_scratch_sum_under_autocast_is_fpn_head_s_sum():
+    plain, fast = make_pair()
+    plain.eval(), fast.eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        for seed in (1, 2):  # the second call reuses the scratch
+            ours = conv_seg_input(fast, features(seed=seed))
+            ref = conv_seg_input(plain, features(seed=seed))
+            assert ref.dtype == torch.bfloat16
+            assert torch.equal(ours, ref.float())
+
+
+def test_scratch_made_under_inference_mode_is_not_written_outside_it():
+    plain, fast = make_pair()
+    plain.eval(), fast.eval()
+    with torch.inference_mode():
+        conv_seg_input(fast, features(seed=1))
+    with torch.no_grad():
+        assert torch.equal(conv_seg_input(fast, features(seed=2)),
+                           conv_seg_input(plain, features(seed=2)))
+
+
+def test_training_forward_keeps_no_scratch_and_equals_fpn_head():
+    plain, fast = make_pair()
+    plain.eval(), fast.eval()  # BN statistics fixed, gradients on
+    ours, ref = fast(features()), plain(features())
+    assert ours.requires_grad and not fast._scratch._last
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)

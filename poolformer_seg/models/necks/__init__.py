@@ -1,0 +1,3 @@
+from .fast_fpn import FastFPN
+
+__all__ = ['FastFPN']

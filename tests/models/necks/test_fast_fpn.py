@@ -1,0 +1,114 @@
+"""FastFPN computes mmseg FPN's function, bit for bit where it adds in
+place, and never writes into its inputs."""
+import pytest
+import torch
+from mmseg.models.necks import FPN
+
+from poolformer_seg.models import FastFPN
+from poolformer_seg.models.necks.fast_fpn import add_nearest_2x_
+from tests.helpers.upstream import randomize_
+
+NECK = dict(in_channels=[4, 6, 8, 10], out_channels=5, num_outs=4)
+
+
+def make_pair(**overrides):
+    cfg = {**NECK, **overrides}
+    plain = randomize_(FPN(**cfg), 0).eval()
+    fast = FastFPN(**cfg).eval()
+    fast.load_state_dict(plain.state_dict(), strict=True)
+    return plain, fast
+
+
+def features(sizes, batch=2, channels_last=False, requires_grad=False):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for c, (h, w) in zip(NECK['in_channels'], sizes):
+        x = torch.randn(batch, c, h, w, generator=gen)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(x.requires_grad_(requires_grad))
+    return out
+
+
+HALVING = [(16, 12), (8, 6), (4, 3), (2, 2)]  # (4, 3) is not 2x (2, 2)
+ODD = [(15, 13), (8, 7), (4, 4), (2, 2)]  # nearest to odd sizes
+EXACT = [(16, 24), (8, 12), (4, 6), (2, 3)]  # every level 2x
+
+
+def test_add_nearest_2x_is_nearest_upsampling_added_in_place():
+    gen = torch.Generator().manual_seed(0)
+    fine = torch.randn(2, 3, 8, 6, generator=gen)
+    coarse = torch.randn(2, 3, 4, 3, generator=gen)
+    expected = fine + torch.nn.functional.interpolate(coarse, size=(8, 6))
+    address = fine.data_ptr()
+    out = add_nearest_2x_(fine, coarse)
+    assert out.data_ptr() == address
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize('sizes', [HALVING, ODD])
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_inference_equals_fpn_bit_for_bit(sizes, channels_last, dtype):
+    plain, fast = make_pair()
+    inputs = [x.to(dtype) for x in features(sizes, channels_last=channels_last)]
+    kept = [x.clone() for x in inputs]
+    plain.to(dtype), fast.to(dtype)
+    with torch.no_grad():
+        ours, ref = fast(inputs), plain(inputs)
+    assert len(ours) == len(ref) == 4
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for x, y in zip(inputs, kept):
+        assert torch.equal(x, y)  # inputs untouched
+
+
+def test_training_outputs_and_gradients_equal_fpn():
+    plain, fast = make_pair()
+    plain.train(), fast.train()
+    grads = []
+    for neck in (plain, fast):
+        inputs = features(HALVING, requires_grad=True)
+        outs = neck(inputs)
+        sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+        grads.append([x.grad for x in inputs] +
+                     [p.grad for p in neck.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(num_outs=5),  # an extra level: FPN.forward itself
+    dict(num_outs=6, add_extra_convs='on_output'),
+    dict(upsample_cfg=dict(mode='nearest', scale_factor=2)),
+    dict(upsample_cfg=dict(mode='bilinear', align_corners=False)),
+    dict(start_level=1, num_outs=3),
+])
+def test_other_settings_equal_fpn(overrides):
+    plain, fast = make_pair(**overrides)
+    inputs = features(EXACT if 'upsample_cfg' in overrides else HALVING)
+    with torch.no_grad():
+        ours, ref = fast(inputs), plain(inputs)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_lateral_that_returns_its_input_is_not_written():
+    plain, fast = make_pair(in_channels=[5, 6, 8, 10])
+    plain.lateral_convs[0] = torch.nn.Identity()
+    fast.lateral_convs[0] = torch.nn.Identity()
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, c, h, w, generator=gen)
+              for c, (h, w) in zip([5, 6, 8, 10], HALVING)]
+    kept = inputs[0].clone()
+    with torch.no_grad():
+        ours, ref = fast(inputs), plain(inputs)
+    assert torch.equal(inputs[0], kept)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_is_fpn_s():
+    plain, fast = make_pair()
+    assert plain.state_dict().keys() == fast.state_dict().keys()
