@@ -71,6 +71,13 @@ BLOCK_BYTES = 4 * 2**20
 or a statistics slice): measured fastest at 2-8 MB on a 2 MB L2."""
 
 
+def _block_length(count, item_bytes):
+    """Items per block: as few blocks as :data:`BLOCK_BYTES` allows, of
+    equal length (a short last block would be a slow matrix product)."""
+    blocks = max(1, -(-count * item_bytes // BLOCK_BYTES))
+    return -(-count // blocks)
+
+
 def _stats_blockwise(x, eps):
     """:func:`_stats` of a channels_last ``x`` from slices of at most
     :data:`BLOCK_BYTES`, combined exactly (the variance of the whole is
@@ -79,7 +86,7 @@ def _stats_blockwise(x, eps):
     flat = x.permute(0, 2, 3, 1).view(x.shape[0], -1)
     if flat.dtype not in (torch.float32, torch.float64):
         return _stats(x, eps)  # the cast would copy everything anyway
-    step = max(1, BLOCK_BYTES // flat.element_size())
+    step = _block_length(flat.shape[1], flat.element_size())
     if flat.shape[1] <= step:
         return _stats(x, eps)
     means, variances, counts = [], [], []
@@ -170,7 +177,7 @@ def _forward_rows(x, coef, folded, pool_size, eps1, eps2):
     mean2, rstd2 = _stats_blockwise(x1, eps2)
     # a view: the MLP's updates below land in x1
     rows = x1.permute(0, 2, 3, 1).view(x.shape[0], -1, x.shape[1])
-    step = max(1, BLOCK_BYTES // (fw1.shape[0] * fw1.element_size()))
+    step = _block_length(rows.shape[1], fw1.shape[0] * fw1.element_size())
     for sample, mean, rstd in zip(rows, mean2, rstd2):
         for start in range(0, sample.shape[0], step):
             part = sample[start:start + step]
