@@ -17,13 +17,13 @@ background load hits all of them alike, and medians are reported:
 * ``train``: ``loss`` (forward and cross-entropy), backward and an AdamW
   step, batch ``B``.
 
-Peak memory is measured in a fresh subprocess per variant, mode, size and
-batch (CPU: peak RSS during the steps minus the RSS before them, the
-kernel's high-water mark being reset first; CUDA:
+Peak memory is measured after all the timing, in a fresh subprocess per
+variant, mode, size and batch (CPU: peak RSS during the steps minus the RSS
+before them, the kernel's high-water mark being reset first; CUDA:
 ``torch.cuda.max_memory_allocated`` minus the allocation before). Outputs
-are compared at each size: ours and the reference in fp32 (max abs
-difference of the logits), and every low-precision variant against its fp32
-run (share of equal argmax pixels).
+are compared at each size, after its timing: ours and the reference in fp32
+(max abs difference of the logits), and every low-precision variant against
+its fp32 run (share of equal argmax pixels).
 
 Weights are random but non-trivial (layer scales 0.2..1, varied norms and
 BN statistics) unless ``--checkpoint`` gives a trained segmentor, so that a
@@ -430,12 +430,6 @@ def run(args, argv):
         for batch in args.batch_sizes:
             images, samples = make_inputs(batch, size, num_classes, device,
                                           args.seed)
-            if 'infer' in args.modes:
-                for name, model in models.items():
-                    model.load_state_dict(initial[name])
-                checks.append(dict(size=list(size), batch=batch, **{
-                    'results': agreement(models, images, samples, args.dtype,
-                                         device)}))
             for mode in args.modes:
                 steps = {f'{name}/{dtype}': make_step(
                     models[name], mode, dtype, images, samples, device)
@@ -451,14 +445,24 @@ def run(args, argv):
                                times_ms=[v * 1e3 for v in t],
                                cpu_median_ms=statistics.median(cpu) * 1e3)
                     rec['images_per_s'] = batch / (rec['median_ms'] / 1e3)
-                    if args.memory:
-                        rec.update(measure_memory(
-                            dict(model=name, dtype=dtype, mode=mode,
-                                 size=list(size), batch=batch,
-                                 weights=weights), args, argv))
                     records.append(rec)
                     print(format_record(rec), flush=True)
+            if 'infer' in args.modes:  # after the timing: it allocates a lot
+                for name, model in models.items():
+                    model.load_state_dict(initial[name])
+                checks.append(dict(size=list(size), batch=batch, **{
+                    'results': agreement(models, images, samples, args.dtype,
+                                         device)}))
             del images, samples
+    # Last, so that the kernel's clean-up after each probe process (GBs of
+    # freed pages) cannot slow down a timed step.
+    if args.memory:
+        for rec in records:
+            rec.update(measure_memory(
+                {k: rec[k] for k in ('model', 'dtype', 'mode', 'size',
+                                     'batch')} | dict(weights=weights),
+                args, argv))
+            print(format_record(rec), flush=True)
     add_ratios(records)
     return dict(environment=environment(args), records=records,
                 agreement=checks, scaling=scaling(records))
