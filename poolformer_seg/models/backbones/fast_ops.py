@@ -114,6 +114,18 @@ def _per_sample(v, x):
     return v.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
 
 
+def _mixer_coef(x, coef, rstd1):
+    """``c = coef * r``: per sample and channel, broadcastable to ``x``."""
+    return _per_sample(rstd1, x) * coef[..., None, None].to(x.dtype)
+
+
+def _mix(x, c, pool_size):
+    """The token-mixer half, ``x1 = lerp(x, P(x), c)``, written into the
+    pooling's buffer."""
+    pooled = _pool(x, pool_size)
+    return torch.lerp(x, pooled, c, out=pooled)
+
+
 def _compute_dtype(x):
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -152,9 +164,7 @@ def _forward(x, coef, folded, keep, pool_size, eps1, eps2):
     as :func:`_fold` returns it. Autocast must be off."""
     fw1, fb1, fw2, fb2 = folded
     mean1, rstd1 = _stats(x, eps1)
-    c = _per_sample(rstd1, x) * coef[..., None, None].to(x.dtype)
-    pooled = _pool(x, pool_size)
-    x1 = torch.lerp(x, pooled, c, out=pooled)  # reuses the buffer
+    x1 = _mix(x, _mixer_coef(x, coef, rstd1), pool_size)
     rows = x1.permute(0, 2, 3, 1)
     n0, mean2, rstd2 = torch.native_layer_norm(rows, rows.shape[1:], None,
                                                None, eps2)
@@ -171,9 +181,7 @@ def _forward_rows(x, coef, folded, pool_size, eps1, eps2):
     docstring). Autocast must be off."""
     fw1, fb1, fw2, fb2 = folded
     mean1, rstd1 = _stats_blockwise(x, eps1)
-    c = _per_sample(rstd1, x) * coef[..., None, None].to(x.dtype)
-    pooled = _pool(x, pool_size)
-    x1 = torch.lerp(x, pooled, c, out=pooled)
+    x1 = _mix(x, _mixer_coef(x, coef, rstd1), pool_size)
     mean2, rstd2 = _stats_blockwise(x1, eps2)
     # a view: the MLP's updates below land in x1
     rows = x1.permute(0, 2, 3, 1).view(x.shape[0], -1, x.shape[1])
@@ -233,7 +241,7 @@ class _Block(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             fw1, fb1, fw2, _ = _fold(p, dtype)
             # recompute the forward up to the GELU input
-            c = _per_sample(rstd1, x) * coef[..., None, None].to(x.dtype)
+            c = _mixer_coef(x, coef, rstd1)
             diff = _pool(x, k)
             x1 = torch.lerp(x, diff, c)
             diff.sub_(x)  # P(x) - x
