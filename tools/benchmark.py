@@ -23,7 +23,10 @@ before them, the kernel's high-water mark being reset first; CUDA:
 ``torch.cuda.max_memory_allocated`` minus the allocation before). Outputs
 are compared at each size, after its timing: ours and the reference in fp32
 (max abs difference of the logits), and every low-precision variant against
-its fp32 run (share of equal argmax pixels).
+its fp32 run (share of equal argmax pixels). With bf16 requested, one more
+row, ``reference/bf16-operands``, gives the floor for bf16 at these weights:
+the fp32 reference with nothing rounded to bf16 but the operands of its
+matrix products (:func:`bf16_operand_logits`).
 
 Weights are random but non-trivial (layer scales 0.2..1, varied norms and
 BN statistics) unless ``--checkpoint`` gives a trained segmentor, so that a
@@ -385,6 +388,44 @@ def variants(args):
     return [(name, dtype) for name in names for dtype in args.dtype]
 
 
+CLASSIFIER = 'decode_head.conv_seg'
+
+
+@torch.no_grad()
+def bf16_operand_logits(model, images, metas):
+    """``model.encode_decode`` in fp32 with the weight and the input of
+    every convolution and linear layer rounded to bf16, except the
+    classifier's (``CLASSIFIER``: cheap, and FastFPNHead keeps it fp32).
+
+    Every bf16 matrix product rounds exactly these operands (and accumulates
+    in fp32); here every other tensor stays fp32, so no bf16 inference that
+    rounds to nearest comes closer to the fp32 result. The weights are
+    restored afterwards, bit for bit.
+    """
+    def to_bf16(t):
+        return t.to(torch.bfloat16).to(t.dtype)
+
+    layers = [m for name, m in model.named_modules()
+              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and
+              name != CLASSIFIER]
+    saved = [layer.weight.clone() for layer in layers]
+    hooks = [layer.register_forward_pre_hook(
+        lambda _, args: (to_bf16(args[0]), *args[1:])) for layer in layers]
+    try:
+        for layer in layers:
+            layer.weight.copy_(to_bf16(layer.weight))
+        return model.encode_decode(images, metas).float()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, weight in zip(layers, saved):
+            layer.weight.copy_(weight)
+
+
+def _argmax_equal(a, b):
+    return (a.argmax(1) == b.argmax(1)).float().mean().item()
+
+
 @torch.no_grad()
 def agreement(models, images, samples, dtypes, device):
     """Logit and argmax agreement at one input (see module docstring)."""
@@ -401,18 +442,22 @@ def agreement(models, images, samples, dtypes, device):
             with autocast(device, dtype):
                 low = model.encode_decode(images, metas).float()
             out[f'{name}/{dtype}'] = dict(
-                argmax_equal_to_fp32=(low.argmax(1) == logits.argmax(1))
-                .float().mean().item(),
+                argmax_equal_to_fp32=_argmax_equal(low, logits),
                 max_abs_diff_to_fp32=(low - logits).abs().max().item())
+    if 'reference' in fp32 and 'bf16' in dtypes:
+        low = bf16_operand_logits(models['reference'], images, metas)
+        out['reference/bf16-operands'] = dict(
+            argmax_equal_to_fp32=_argmax_equal(low, fp32['reference']),
+            max_abs_diff_to_fp32=(low - fp32['reference']).abs().max()
+            .item())
     if 'reference' in fp32:
         diff = (fp32['ours'] - fp32['reference']).abs()
         out['ours/fp32'] = dict(
             max_abs_diff_to_reference=diff.max().item(),
             mean_abs_diff_to_reference=diff.mean().item(),
             max_abs_logit=fp32['reference'].abs().max().item(),
-            argmax_equal_to_reference=(fp32['ours'].argmax(1) ==
-                                       fp32['reference'].argmax(1))
-            .float().mean().item())
+            argmax_equal_to_reference=_argmax_equal(fp32['ours'],
+                                                    fp32['reference']))
     return out
 
 

@@ -65,7 +65,8 @@ def test_agreement_with_reference_and_fp32(report):
         assert ours['max_abs_diff_to_reference'] < 1e-4
         assert ours['max_abs_logit'] > 1  # not a vacuous comparison
         assert ours['argmax_equal_to_reference'] > .999
-        for variant in ('ours/bf16', 'reference/bf16'):
+        for variant in ('ours/bf16', 'reference/bf16',
+                        'reference/bf16-operands'):
             assert .9 < results[variant]['argmax_equal_to_fp32'] <= 1
             assert results[variant]['max_abs_diff_to_fp32'] > 0
 
@@ -91,6 +92,42 @@ def test_agreement_check_catches_different_weights(bench):
     images, samples = bench.make_inputs(1, (64, 64), 150, 'cpu', 0)
     result = bench.agreement(models, images, samples, ['fp32'], 'cpu')
     assert result['ours/fp32']['max_abs_diff_to_reference'] > 1e-2
+
+
+class _TinySegmentor(torch.nn.Module):
+    """conv -> ReLU -> classifier, under the classifier's mmseg name."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.decode_head = torch.nn.Module()
+        self.decode_head.conv_seg = torch.nn.Conv2d(8, 5, 1)
+
+    def encode_decode(self, images, metas):
+        return self.decode_head.conv_seg(self.conv(images).relu())
+
+
+def test_bf16_operand_floor_rounds_the_operands_only(bench):
+    """The floor equals the hand-written product of bf16-rounded operands,
+    keeps the classifier exact and gives the weights back bit for bit."""
+    model = _TinySegmentor()
+    images = torch.randn(2, 3, 16, 16) * 3
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def to_bf16(t):
+        return t.bfloat16().float()
+    with torch.no_grad():
+        expected = model.decode_head.conv_seg(torch.nn.functional.conv2d(
+            to_bf16(images), to_bf16(model.conv.weight), model.conv.bias,
+            padding=1).relu())
+        exact = model.encode_decode(images, None)
+    floor = bench.bf16_operand_logits(model, images, None)
+    torch.testing.assert_close(floor, expected, rtol=0, atol=1e-6)
+    assert (floor - exact).abs().max() > 1e-4  # something was rounded
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert not model.conv._forward_pre_hooks
 
 
 def test_memory_probe_reports_peak(run_tool, tmp_path):
