@@ -27,16 +27,20 @@ keeps 14 activation-sized tensors (counting the 4x wide MLP ones four
 times), the fused block 1.
 
 Inference (no gradient needed): :func:`fused_block` skips the autograd
-function and reuses the folded weights from a cache the caller owns, while
-the parameters are unchanged; the fold and its casts otherwise cost about
-10 ms per S12 forward, whatever the input size. On channels_last input it
-also runs the MLP over blocks of rows (:func:`_forward_rows`) and takes the
-statistics blockwise (:func:`_stats_blockwise`): every temporary then stays
-a few MB, which the C allocator recycles and the CPU cache holds. Whole
-tensors would be 4x activation-sized and, at large inputs, over glibc's
-32 MB mmap threshold: fresh pages on every call, whose page faults made
-the cost grow faster than the pixel count (2 GB of faults per
-1024x2048 forward of S12, 40% of them here).
+function. On channels_last input (:func:`_forward_rows`) nothing is folded:
+the GroupNorm affine is applied to each block of rows, where it costs no
+more than the affine-free normalisation, the layer scale as the MLP's
+output is added, and the matrix products take the parameters themselves,
+so no weight-sized copy exists in fp32; in a lower compute dtype the cast
+weights are kept in a cache the caller owns while the parameters are
+unchanged (casting them costs about 5 ms per S12 forward). The MLP runs
+over blocks of rows and the statistics are taken blockwise
+(:func:`_stats_blockwise`): every temporary then stays a few MB, which the
+C allocator recycles and the CPU cache holds. Whole tensors would be 4x
+activation-sized and, at large inputs, over glibc's 32 MB mmap threshold:
+fresh pages on every call, whose page faults made the cost grow faster
+than the pixel count (2 GB of faults per 1024x2048 forward of S12, 40% of
+them here). Other inference (NCHW, or a drop path) folds per call.
 
 GroupNorm(1) statistics do not depend on the order of the elements, so they
 are taken over the ``B x (C*H*W)`` storage of either layout with the native
@@ -46,7 +50,7 @@ Under autocast the residual stream stays in the parameters' dtype (fp32):
 the layer-scaled updates are small next to ``x`` and would be lost if it
 were rounded to bf16/fp16. Statistics are always computed in at least fp32;
 the matrix products run in the autocast dtype (in bf16 on CPU, ``fc1``'s
-bias and GELU run inside oneDNN's product, :func:`_linear_gelu`).
+bias and GELU run inside oneDNN's product, :func:`_linear`).
 """
 import torch
 import torch.nn.functional as F
@@ -133,19 +137,21 @@ def _compute_dtype(x):
     return x.dtype
 
 
-def _linear_gelu(x, weight, bias):
-    """``gelu(x @ weight.T + bias)`` for ``N x C`` rows.
+def _linear(x, weight, bias, gelu=False):
+    """``x @ weight.T + bias`` for ``N x C`` rows, then GELU if ``gelu``;
+    ``bias`` in ``x``'s dtype or fp32.
 
-    In bf16 on CPU, oneDNN applies the bias and the GELU to the fp32
-    accumulator inside the matrix product (PyTorch's
+    In bf16 on CPU, oneDNN adds the bias (in fp32, unrounded) and applies
+    the GELU to the fp32 accumulator inside the matrix product (PyTorch's
     ``mkldnn._linear_pointwise``, the op inductor uses for this fusion):
     several times faster than three separate passes over the 4x wide
     hidden rows, and rounded once instead of twice.
     """
     if x.device.type == 'cpu' and x.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu',
-                                                  [], 'none')
-    return torch.ops.aten.gelu_(F.linear(x, weight, bias))
+        return torch.ops.mkldnn._linear_pointwise(
+            x, weight, bias, 'gelu' if gelu else 'none', [], 'none')
+    out = F.linear(x, weight, bias.to(x.dtype))
+    return torch.ops.aten.gelu_(out) if gelu else out
 
 
 def _fold(p, dtype):
@@ -168,42 +174,58 @@ def _forward(x, coef, folded, keep, pool_size, eps1, eps2):
     rows = x1.permute(0, 2, 3, 1)
     n0, mean2, rstd2 = torch.native_layer_norm(rows, rows.shape[1:], None,
                                                None, eps2)
-    hidden = _linear_gelu(n0.to(fw1.dtype).view(-1, fw1.shape[1]), fw1, fb1)
+    hidden = _linear(n0.to(fw1.dtype).view(-1, fw1.shape[1]), fw1, fb1,
+                     gelu=True)
     y = F.linear(hidden, fw2, fb2).view(rows.shape).permute(0, 3, 1, 2)
     if keep is not None:
         y = y * _per_sample(keep, y)
     return x1.add_(y), (mean1, rstd1, mean2, rstd2)
 
 
-def _forward_rows(x, coef, folded, pool_size, eps1, eps2):
+def _forward_rows(x, coef, params, weights, pool_size, eps1, eps2):
     """:func:`_forward`'s output for a channels_last ``x`` and no drop
-    path, with the MLP run over blocks of rows (see the module
-    docstring). Autocast must be off."""
-    fw1, fb1, fw2, fb2 = folded
+    path, with nothing folded and the MLP run over blocks of rows (see the
+    module docstring); ``weights`` as :func:`_mlp_weights` returns them.
+    Autocast must be off."""
+    w1, b1, w2, b2 = weights
     mean1, rstd1 = _stats_blockwise(x, eps1)
     x1 = _mix(x, _mixer_coef(x, coef, rstd1), pool_size)
     mean2, rstd2 = _stats_blockwise(x1, eps2)
+    # norm2 as one multiply-add per sample: n = x1 * scale + shift
+    scale = rstd2.to(x.dtype)[:, None] * params['g2']
+    shift = torch.addcmul(params['beta2'], mean2.to(x.dtype)[:, None],
+                          scale, value=-1)
     # a view: the MLP's updates below land in x1
     rows = x1.permute(0, 2, 3, 1).view(x.shape[0], -1, x.shape[1])
-    step = _block_length(rows.shape[1], fw1.shape[0] * fw1.element_size())
-    for sample, mean, rstd in zip(rows, mean2, rstd2):
+    step = _block_length(rows.shape[1], w1.shape[0] * w1.element_size())
+    for sample, a, b in zip(rows, scale, shift):
         for start in range(0, sample.shape[0], step):
             part = sample[start:start + step]
-            n0 = (part - mean).mul_(rstd).to(fw1.dtype)
-            part += F.linear(_linear_gelu(n0, fw1, fb1), fw2, fb2)
+            n = torch.addcmul(b, part, a).to(w1.dtype)
+            out = _linear(_linear(n, w1, b1, gelu=True), w2, b2)
+            part.addcmul_(out, params['ls2'])
     return x1
 
 
-def _cached_fold(cache, params, dtype):
-    """:func:`_fold`, reused while the parameters are unchanged: the same
-    tensors with the same version counters, which every in-place update
-    (optimizer step, ``load_state_dict``) advances. Writes through
+def _mlp_weights(cache, params, dtype):
+    """``(w1, b1, w2, b2)`` for :func:`_forward_rows`: the parameters
+    themselves in their own dtype. In another dtype the matrices are cast
+    (the biases too, except where :func:`_linear` adds them in fp32), and
+    the casts are kept in ``cache`` while the parameters are unchanged: the
+    same tensors with the same version counters, which every in-place
+    update (optimizer step, ``load_state_dict``) advances. Writes through
     ``param.data`` bypass the counter; the owner clears the cache on every
     ``train()``/``eval()``, which is how mmengine's EMA hook swaps weights
     (``.data`` copies, then a mode switch)."""
-    key = tuple((t.data_ptr(), t._version) for t in params.values())
+    weights = tuple(params[k] for k in ('w1', 'b1', 'w2', 'b2'))
+    if params['w1'].dtype == dtype:
+        return weights
+    key = tuple((t.data_ptr(), t._version) for t in weights)
     if dtype not in cache or cache[dtype][0] != key:
-        cache[dtype] = (key, _fold(params, dtype))
+        keep_bias = params['w1'].is_cpu and dtype == torch.bfloat16
+        cache[dtype] = (key, tuple(
+            t if keep_bias and t.dim() == 1 else t.to(dtype)
+            for t in weights))
     return cache[dtype][1]
 
 
@@ -298,11 +320,11 @@ def fused_block(x, norm1, norm2, fc1, fc2, ls1, ls2, pool_size, drop=None,
         ls1, ls2: layer scales ``C``; pool_size: odd pooling window.
         drop: ``(mixer, mlp)`` drop-path factors ``B`` (0 or 1/keep), or
             None.
-        cache: a dict owned by the caller, or None. When no gradient is
-            needed, the folded MLP weights are kept there per compute
-            dtype and reused while the parameters are unchanged, instead
-            of being folded and cast on every call (about 10 ms per
-            forward of S12, whatever the input size).
+        cache: a dict owned by the caller, or None (always folding, as
+            in training). When no gradient is needed, the MLP weights cast
+            to a compute dtype other than the parameters' are kept there
+            and reused while the parameters are unchanged
+            (:func:`_mlp_weights`).
     """
     coef = (ls1 * norm1.weight).expand(x.shape[0], -1)
     keep = None
@@ -314,13 +336,14 @@ def fused_block(x, norm1, norm2, fc1, fc2, ls1, ls2, pool_size, drop=None,
     if cache is not None and not (torch.is_grad_enabled() and any(
             t.requires_grad for t in (x, coef, *params))):
         dtype = _compute_dtype(x)
+        named = dict(zip(_PARAMS, params))
         with torch.autocast(x.device.type, enabled=False):
-            folded = _cached_fold(cache, dict(zip(_PARAMS, params)), dtype)
             if keep is None and x.is_contiguous(
                     memory_format=torch.channels_last):
-                return _forward_rows(x, coef, folded, pool_size, norm1.eps,
-                                     norm2.eps)
-            return _forward(x, coef, folded, keep, pool_size, norm1.eps,
-                            norm2.eps)[0]
+                return _forward_rows(x, coef, named,
+                                     _mlp_weights(cache, named, dtype),
+                                     pool_size, norm1.eps, norm2.eps)
+            return _forward(x, coef, _fold(named, dtype), keep, pool_size,
+                            norm1.eps, norm2.eps)[0]
     return _Block.apply(x, coef, *params, keep, pool_size, norm1.eps,
                         norm2.eps)

@@ -166,10 +166,10 @@ class PoolFormerBlock(nn.Module):
             torch.full((channels, ), float(layer_scale_init_value)))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else \
             nn.Identity()
-        self._folded = {}  # fused inference: folded weights per dtype
+        self._weight_casts = {}  # fused inference, see fused_block
 
     def train(self, mode: bool = True):
-        self._folded.clear()  # only inference reuses them
+        self._weight_casts.clear()  # only inference reuses them
         return super().train(mode)
 
     def forward(self, x):
@@ -192,7 +192,7 @@ class PoolFormerBlock(nn.Module):
         return fused_block(x, self.norm1, self.norm2, self.mlp.fc1,
                            self.mlp.fc2, self.layer_scale1, self.layer_scale2,
                            self.token_mixer.pool_size, drop,
-                           cache=None if self.training else self._folded)
+                           cache=None if self.training else self._weight_casts)
 
 
 class PoolFormerStage(nn.Module):

@@ -6,6 +6,8 @@ NCHW eager backbone on the same weights: outputs and every gradient, in
 float64 where the comparison is about the math and in float32 at the
 1e-5 level otherwise; bf16 autocast against fp32.
 """
+import copy
+
 import pytest
 import torch
 
@@ -222,30 +224,38 @@ def test_fused_needs_groupnorm1_and_excludes_compile():
         PoolFormer(TINY, fused=True, compile=True)
 
 
-def test_fused_inference_reuses_folded_weights_until_they_change():
-    plain, fast = make_pair(fused=True)
+def test_fused_inference_keeps_only_low_precision_weight_casts():
+    """fp32 inference uses the parameters themselves (no weight-sized
+    copy); bf16 keeps its casts, reused until a parameter changes."""
+    plain, fast = make_pair(fused=True, channels_last=True)
     plain.eval(), fast.eval()
     x = image()
     block = fast.stages[0].blocks[0]
     with torch.no_grad():
-        for _ in range(2):  # second call: folded weights from the cache
-            torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=0)
-        assert set(block._folded) == {torch.float32}
-        cached = block._folded[torch.float32][1][0]
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=0)
+        assert block._weight_casts == {}
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            fast(x)  # its own entry; the fp32 one stays
-        assert set(block._folded) == {torch.float32, torch.bfloat16}
-        assert block._folded[torch.float32][1][0] is cached
+            fast(x)
+            w1, b1, w2, b2 = block._weight_casts[torch.bfloat16][1]
+            fast(x)  # the second call reuses the casts
+            assert block._weight_casts[torch.bfloat16][1][0] is w1
+        assert w1.dtype == w2.dtype == torch.bfloat16
+        # oneDNN adds the biases in fp32: no copies of them
+        assert b1 is block.mlp.fc1.bias and b2 is block.mlp.fc2.bias
         # an in-place update (an optimizer step, load_state_dict) is seen
         for model in (plain, fast):
-            for name in ('mlp.fc1.weight', 'norm2.bias', 'layer_scale2'):
-                model.stages[0].blocks[0].get_parameter(name).mul_(1.5)
+            model.stages[0].blocks[0].mlp.fc1.weight.mul_(1.5)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            fast(x)
+        new_w1 = block._weight_casts[torch.bfloat16][1][0]
+        assert torch.equal(new_w1, block.mlp.fc1.weight.flatten(1).bfloat16())
+        assert not torch.equal(new_w1, w1)
         torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=0)
     fast.train()
-    assert block._folded == {}
-    with torch.no_grad():
+    assert block._weight_casts == {}
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         fast(x)  # training mode never fills the cache
-    assert block._folded == {}
+    assert block._weight_casts == {}
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
@@ -267,19 +277,24 @@ def test_blockwise_inference_equals_the_whole_tensor_forward(
         block.mlp.fc2.weight.flatten(1), block.mlp.fc2.bias,
         block.layer_scale2)))
     rows_seen = []
-    whole_linear_gelu = fast_ops._linear_gelu
-    monkeypatch.setattr(fast_ops, '_linear_gelu', lambda x, w, b: (
-        rows_seen.append(x.shape[0]), whole_linear_gelu(x, w, b))[1])
+    whole_linear = fast_ops._linear
+    monkeypatch.setattr(fast_ops, '_linear', lambda x, w, b, gelu=False: (
+        rows_seen.append((x.shape[0], gelu)),
+        whole_linear(x, w, b, gelu))[1])
     monkeypatch.setattr(fast_ops, 'BLOCK_BYTES', 24 * 17 * x.element_size())
     with torch.no_grad():
-        folded = fast_ops._fold(params, dtype)
-        want, _ = fast_ops._forward(x.clone(), coef, folded, None, 3,
+        want, _ = fast_ops._forward(x.clone(), coef,
+                                    fast_ops._fold(params, dtype), None, 3,
                                     block.norm1.eps, block.norm2.eps)
         rows_seen.clear()
-        got = fast_ops._forward_rows(x, coef, folded, 3, block.norm1.eps,
-                                     block.norm2.eps)
+        weights = fast_ops._mlp_weights({}, params, dtype)
+        got = fast_ops._forward_rows(x, coef, params, weights, 3,
+                                     block.norm1.eps, block.norm2.eps)
+    # unfolded: the parameters themselves
+    assert weights[0] is params['w1'] and weights[3] is params['b2']
     # 143 rows per sample in blocks of at most 17: nine of 16 (the last 15)
-    assert rows_seen == ([16] * 8 + [15]) * batch
+    assert rows_seen == [(n, gelu) for n in [16] * 8 + [15]
+                         for gelu in (True, False)] * batch
     assert got.is_contiguous(memory_format=torch.channels_last)
     atol = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(got, want, atol=atol, rtol=0)
@@ -314,36 +329,43 @@ def test_fused_backbone_with_small_blocks_equals_plain(monkeypatch):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
 
 
-def test_fold_cache_follows_an_ema_style_weight_swap():
+def test_weight_casts_follow_an_ema_style_weight_swap():
     """mmengine's EMA hook swaps weights in through ``.data`` (no version
-    bump), then switches mode: the next forward sees the new weights."""
-    plain, fast = make_pair(fused=True)
+    bump), then switches mode: the next bf16 forward uses the new weights,
+    exactly as a model that never saw the old ones."""
+    _, fast = make_pair(fused=True, channels_last=True)
     x = image()
+
+    def bf16_forward(model):
+        # a context per call: autocast caches its own casts within one
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            return model.eval()(x)[0]
+    before = bf16_forward(fast)  # fills the cache
     with torch.no_grad():
-        fast.eval()(x)  # fills the cache
-        for model in (plain, fast):
-            for p in model.parameters():
-                p.data.copy_(p.data * 1.1)
-        torch.testing.assert_close(fast.eval()(x), plain.eval()(x),
-                                   atol=1e-5, rtol=0)
+        for p in fast.parameters():
+            p.data.copy_(p.data * 1.1)
+    after = bf16_forward(fast)
+    fresh = copy.deepcopy(fast)  # new tensors: its cache keys miss
+    torch.testing.assert_close(after, bf16_forward(fresh), atol=0, rtol=0)
+    assert not torch.equal(after, before)
 
 
-def test_bf16_linear_gelu_is_fused_and_accurate():
+@pytest.mark.parametrize('gelu', [True, False])
+def test_bf16_linear_is_fused_and_accurate(gelu):
     """The oneDNN op behind the bf16 MLP (private PyTorch API) still
-    exists and computes gelu(x W^T + b) with one rounding."""
-    from poolformer_seg.models.backbones.fast_ops import _linear_gelu
+    exists and computes x W^T + b (and the GELU) with one rounding, the
+    fp32 bias unrounded."""
+    from poolformer_seg.models.backbones.fast_ops import _linear
     gen = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*s, generator=gen) for s in
                ((300, 48), (192, 48), (192, )))
-    want = torch.nn.functional.gelu(x.bfloat16().float() @
-                                    w.bfloat16().float().t() +
-                                    b.bfloat16().float())
-    got = _linear_gelu(x.bfloat16(), w.bfloat16(), b.bfloat16())
+    act = torch.nn.functional.gelu if gelu else (lambda t: t)
+    want = act(x.bfloat16().float() @ w.bfloat16().float().t() + b)
+    got = _linear(x.bfloat16(), w.bfloat16(), b, gelu)
     assert got.dtype == torch.bfloat16
     # within the final rounding to bf16 (relative 2^-8), nothing more
     torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-6)
-    torch.testing.assert_close(_linear_gelu(x, w, b),
-                               torch.nn.functional.gelu(x @ w.t() + b))
+    torch.testing.assert_close(_linear(x, w, b, gelu), act(x @ w.t() + b))
 
 
 # ----------------------------------------------------------------------------
