@@ -3,6 +3,7 @@ inference logits, on the same weights; its output buffer is reused only
 when nothing can observe it."""
 import pytest
 import torch
+from mmcv.cnn import ConvModule
 from mmengine.structures import PixelData
 from mmseg.models.decode_heads import FPNHead
 from mmseg.structures import SegDataSample
@@ -17,11 +18,18 @@ HEAD = dict(in_channels=[8, 8, 8, 8], in_index=[0, 1, 2, 3],
                              loss_weight=.7))
 
 
-def make_pair(**overrides):
+def make_pair(fold_bn=False, **overrides):
+    """FPNHead and FastFPNHead with the same random weights; with
+    ``fold_bn``, FPNHead folds eval-mode BN as FastFPNHead does, so that
+    the rest of the computation can be compared bit for bit."""
     cfg = {**HEAD, **overrides}
     plain = randomize_(FPNHead(**cfg), 0)
     fast = FastFPNHead(**cfg)
     fast.load_state_dict(plain.state_dict(), strict=True)
+    if fold_bn:
+        for module in plain.modules():
+            if isinstance(module, ConvModule):
+                module.turn_on_efficient_conv_bn_eval()
     return plain, fast
 
 
@@ -185,7 +193,7 @@ def conv_seg_input(head, feats):
 
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_scale_heads_share_one_scratch_kept_between_calls(channels_last):
-    plain, fast = make_pair()
+    plain, fast = make_pair(fold_bn=True)
     plain.eval(), fast.eval()
     layout = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -211,7 +219,7 @@ def test_scale_heads_share_one_scratch_kept_between_calls(channels_last):
 
 
 def test_scratch_sum_under_autocast_is_fpn_head_s_sum():
-    plain, fast = make_pair()
+    plain, fast = make_pair(fold_bn=True)
     plain.eval(), fast.eval()
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         for seed in (1, 2):  # the second call reuses the scratch
@@ -222,7 +230,7 @@ def test_scratch_sum_under_autocast_is_fpn_head_s_sum():
 
 
 def test_scratch_made_under_inference_mode_is_not_written_outside_it():
-    plain, fast = make_pair()
+    plain, fast = make_pair(fold_bn=True)
     plain.eval(), fast.eval()
     with torch.inference_mode():
         conv_seg_input(fast, features(seed=1))
@@ -232,8 +240,34 @@ def test_scratch_made_under_inference_mode_is_not_written_outside_it():
 
 
 def test_training_forward_keeps_no_scratch_and_equals_fpn_head():
-    plain, fast = make_pair()
+    plain, fast = make_pair(fold_bn=True)
     plain.eval(), fast.eval()  # BN statistics fixed, gradients on
     ours, ref = fast(features()), plain(features())
     assert ours.requires_grad and not fast._scratch._last
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_eval_mode_bn_is_folded_with_fpn_head_s_outputs_and_gradients():
+    """Against the stock FPNHead (BN a separate layer): the same logits
+    and gradients with frozen BN statistics, within fp32 rounding; and the
+    fold is really taken (the BN layers are not called)."""
+    plain, fast = make_pair()
+    plain.eval(), fast.eval()
+    bn_calls = []
+    for module in fast.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_hook(lambda *_: bn_calls.append(1))
+    grads = []
+    for head in (plain, fast):
+        out = head(features())
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(
+        ).backward()
+        grads.append({n: p.grad for n, p in head.named_parameters()})
+        if head is plain:
+            ref = out
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert not bn_calls
+    for name, grad in grads[0].items():  # fp32 sums of many products
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5,
+                                   atol=1e-6 * grad.abs().max().item(),
+                                   msg=name)
