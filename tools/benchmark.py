@@ -19,7 +19,8 @@ background load hits all of them alike, and medians are reported:
 
 Peak memory is measured after all the timing, in a fresh subprocess per
 variant, mode, size and batch (CPU: peak RSS during the steps minus the RSS
-before them, the kernel's high-water mark being reset first; CUDA:
+before them, the C heap being trimmed and the kernel's high-water mark
+reset first; CUDA:
 ``torch.cuda.max_memory_allocated`` minus the allocation before). Outputs
 are compared at each size, after its timing: ours and the reference in fp32
 (max abs difference of the logits), and every low-precision variant against
