@@ -342,9 +342,10 @@ def _trim_c_heap():
     import gc
     gc.collect()
     try:
-        return bool(ctypes.CDLL('libc.so.6').malloc_trim(0) >= 0)
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
     except (OSError, AttributeError):
         return False
+    return True
 
 
 def run_probe(spec, args):
@@ -446,6 +447,11 @@ def _argmax_equal(a, b):
     return (a.argmax(1) == b.argmax(1)).float().mean().item()
 
 
+def _against_fp32(low, fp32):
+    return dict(argmax_equal_to_fp32=_argmax_equal(low, fp32),
+                max_abs_diff_to_fp32=(low - fp32).abs().max().item())
+
+
 @torch.no_grad()
 def agreement(models, images, samples, dtypes, device):
     """Logit and argmax agreement at one input (see module docstring)."""
@@ -461,15 +467,11 @@ def agreement(models, images, samples, dtypes, device):
                 continue
             with autocast(device, dtype):
                 low = model.encode_decode(images, metas).float()
-            out[f'{name}/{dtype}'] = dict(
-                argmax_equal_to_fp32=_argmax_equal(low, logits),
-                max_abs_diff_to_fp32=(low - logits).abs().max().item())
+            out[f'{name}/{dtype}'] = _against_fp32(low, logits)
     if 'reference' in fp32 and 'bf16' in dtypes:
-        low = bf16_operand_logits(models['reference'], images, metas)
-        out['reference/bf16-operands'] = dict(
-            argmax_equal_to_fp32=_argmax_equal(low, fp32['reference']),
-            max_abs_diff_to_fp32=(low - fp32['reference']).abs().max()
-            .item())
+        out['reference/bf16-operands'] = _against_fp32(
+            bf16_operand_logits(models['reference'], images, metas),
+            fp32['reference'])
     if 'reference' in fp32:
         diff = (fp32['ours'] - fp32['reference']).abs()
         out['ours/fp32'] = dict(

@@ -137,6 +137,12 @@ def _compute_dtype(x):
     return x.dtype
 
 
+def _onednn_bf16(device, dtype):
+    """Whether :func:`_linear` runs oneDNN's fused bf16 product, which
+    takes an fp32 bias."""
+    return device.type == 'cpu' and dtype == torch.bfloat16
+
+
 def _linear(x, weight, bias, gelu=False):
     """``x @ weight.T + bias`` for ``N x C`` rows, then GELU if ``gelu``;
     ``bias`` in ``x``'s dtype or fp32.
@@ -147,7 +153,7 @@ def _linear(x, weight, bias, gelu=False):
     several times faster than three separate passes over the 4x wide
     hidden rows, and rounded once instead of twice.
     """
-    if x.device.type == 'cpu' and x.dtype == torch.bfloat16:
+    if _onednn_bf16(x.device, x.dtype):
         return torch.ops.mkldnn._linear_pointwise(
             x, weight, bias, 'gelu' if gelu else 'none', [], 'none')
     out = F.linear(x, weight, bias.to(x.dtype))
@@ -222,7 +228,7 @@ def _mlp_weights(cache, params, dtype):
         return weights
     key = tuple((t.data_ptr(), t._version) for t in weights)
     if dtype not in cache or cache[dtype][0] != key:
-        keep_bias = params['w1'].is_cpu and dtype == torch.bfloat16
+        keep_bias = _onednn_bf16(params['w1'].device, dtype)
         cache[dtype] = (key, tuple(
             t if keep_bias and t.dim() == 1 else t.to(dtype)
             for t in weights))
