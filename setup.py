@@ -1,23 +1,25 @@
-"""Install poolformer_seg.
+"""Install poolformer_seg into an existing MMSegmentation 1.x environment.
 
-The pins are the newest versions that work together (see README,
-"Installation"): mmsegmentation 1.2.2 refuses mmcv >= 2.2.0, and torch is
-held at 2.13.0, the last release whose headers still build full mmcv 2.1.0
-with C++17 for users who want the compiled ops.
+``install_requires`` states the ranges the code supports, so that installing
+the plugin never replaces a user's torch, mmcv or mmengine. The exact set that
+CI tests is ``constraints.txt`` (``scripts/setup_env.sh`` installs with
+``-c constraints.txt``).
+
+mmcv is not required here, because two distributions provide the ``mmcv``
+package and pip cannot express "either": users of full mmcv (2.0 or 2.1,
+compiled ops) keep theirs; everyone else installs the ``lite`` extra
+(``pip install -e ".[lite]"``), pure Python. ``poolformer_seg`` says so at
+import time when neither is there. mmsegmentation 1.2.x refuses mmcv >= 2.2.
 """
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    'torch==2.13.0',
-    'numpy>=2,<3',
-    'mmengine==0.10.7',
-    # mmcv-lite by default: pure Python, installs in seconds. Full mmcv 2.1.0
-    # works too when it is installed (poolformer_seg.compat then does nothing).
-    'mmcv-lite==2.1.0',
-    'mmsegmentation==1.2.2',
+    'torch>=2.1',
+    'numpy>=1.24',
+    'mmengine>=0.10.0,<1.0',
+    'mmsegmentation>=1.2.0,<1.3',
     'ftfy',    # imported by mmseg 1.2.2 but missing from its metadata
     'regex',   # same (open-mmlab/mmsegmentation#3704)
-    'opencv-python-headless',
     'Pillow',  # image validation (poolformer_seg/datasets/validation.py)
     'safetensors',
     'matplotlib',
@@ -25,11 +27,12 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
+    'lite': ['mmcv-lite>=2.0.0,<2.2.0'],
     'tests': [
         'pytest',
         'hypothesis',
         'transformers',        # reference PoolFormerModel
-        'mmpretrain==1.2.0',   # reference PoolFormer source (no torchvision needed to load the module)
+        'mmpretrain>=1.2.0',   # reference PoolFormer source (loaded without torchvision)
         'onnx',
         'onnxruntime',
         'onnxscript',
@@ -40,8 +43,8 @@ EXTRAS_REQUIRE = {
 setup(
     name='poolformer_seg',
     version='0.1.0',
-    description='PoolFormer backbone and Semantic FPN configs for '
-    'MMSegmentation 1.x',
+    description='PoolFormer and MetaFormer backbones with Semantic FPN '
+    'configs for MMSegmentation 1.x',
     packages=find_packages(include=['poolformer_seg', 'poolformer_seg.*']),
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,

@@ -16,6 +16,9 @@ can be deleted when the dependency is fixed.
    fine and raises :class:`MissingMmcvOpError` when it is used, so a model that
    needs a compiled op fails loudly at build time instead of at import time,
    and never computes a wrong result. With full mmcv installed nothing is done.
+   mmcv's ``cnn.bricks.transformer`` then warns once that it cannot import
+   ``MultiScaleDeformableAttention``: that warning is silenced with the
+   stand-in, since using the op raises :class:`MissingMmcvOpError` anyway.
 
 2. ``torch.load`` in mmengine 0.10.7 (torch >= 2.6).
    mmengine calls ``torch.load`` without ``weights_only``, so torch's default
@@ -26,14 +29,29 @@ can be deleted when the dependency is fixed.
 
 Call :func:`apply` before the first import of ``mmseg.models``; importing
 ``poolformer_seg`` does it, and so do the scripts in ``tools/``.
+
+The second half of this module holds every use of a private or
+version-dependent PyTorch, NumPy or MMEngine API in the package, each behind a
+function that checks for it and falls back (see "Private and
+version-dependent APIs" below), so that the supported range of each
+dependency is stated in ``setup.py`` rather than pinned.
 """
+import contextlib
 import importlib.util
 import os
 import sys
 import types
+import warnings
+
+import torch
 
 __all__ = ['apply', 'full_mmcv_available', 'MissingMmcvOpError',
-           'UnavailableOp']
+           'UnavailableOp', 'register_load_state_dict_pre_hook',
+           'torch_safe_globals', 'numpy_core', 'onednn_linear',
+           'upsample_bilinear_into', 'storage_users', 'runner_resume',
+           'set_runner_load_from', 'built_train_loop',
+           'train_dataloader_cfg', 'diff_rank_seed',
+           'infinite_dataloader_iterator']
 
 # mmcv.ops functions that are plain PyTorch and safe to load from source.
 _PURE_PYTORCH_OPS = ('point_sample',)
@@ -69,6 +87,19 @@ def full_mmcv_available() -> bool:
         return importlib.util.find_spec('mmcv._ext') is not None
     except ModuleNotFoundError:  # mmcv itself is missing
         return False
+
+
+def _require_mmcv() -> None:
+    """mmcv is not in ``install_requires`` (full mmcv or mmcv-lite provide
+    it, and pip cannot express "either"): say what to install."""
+    try:
+        import mmcv  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            'poolformer_seg needs mmcv 2.0 or 2.1: keep a full mmcv you '
+            'already have, or install the pure-Python one with '
+            '`pip install "mmcv-lite>=2.0.0,<2.2.0"` (or '
+            '`pip install "poolformer_seg[lite]"`)') from None
 
 
 def _stub_mmcv_ops() -> None:
@@ -113,7 +144,149 @@ def apply() -> None:
     global _applied
     if _applied:
         return
+    _require_mmcv()
     if not full_mmcv_available() and 'mmcv.ops' not in sys.modules:
         _stub_mmcv_ops()
+        warnings.filterwarnings(
+            'ignore', message='Fail to import ``MultiScaleDeformableAttention',
+            category=UserWarning)
     _route_mmengine_loading()
     _applied = True
+
+
+# ----------------------------------------------------------------------------
+# Private and version-dependent APIs. Each function names the versions that
+# have the API and what it does without it; ``tests/test_compat.py`` runs
+# every fallback.
+
+
+def _has_torch(major: int, minor: int) -> bool:
+    version = tuple(int(p) for p in torch.__version__.split('+')[0]
+                    .split('.')[:2])
+    return version >= (major, minor)
+
+
+def register_load_state_dict_pre_hook(module: torch.nn.Module, hook):
+    """``module.register_load_state_dict_pre_hook(hook)``.
+
+    Public from torch 2.5; before that the same hook (called with the module
+    first) is registered by ``_register_load_state_dict_pre_hook(hook,
+    with_module=True)``.
+    """
+    public = getattr(module, 'register_load_state_dict_pre_hook', None)
+    if public is not None:
+        return public(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+def torch_safe_globals(allowed: list):
+    """Context in which ``torch.load(weights_only=True)`` accepts ``allowed``.
+
+    ``torch.serialization.safe_globals`` exists from torch 2.5. Older torch
+    has no way to widen the weights-only allowlist for one call: there the
+    context does nothing, so training checkpoints (which pickle mmengine's
+    ``HistoryBuffer``) are refused with a message, and plain weights load.
+    """
+    safe_globals = getattr(torch.serialization, 'safe_globals', None)
+    if safe_globals is None:
+        return contextlib.nullcontext()
+    return safe_globals(allowed)
+
+
+def numpy_core():
+    """``numpy._core`` (NumPy 2), ``numpy.core`` before."""
+    import numpy as np
+    return getattr(np, '_core', None) or np.core
+
+
+def onednn_linear(x, weight, bias, gelu: bool):
+    """oneDNN's ``x @ weight.T + bias`` (+ GELU) on CPU, or None.
+
+    ``torch.ops.mkldnn._linear_pointwise`` (torch >= 2.1 built with MKLDNN,
+    the op inductor emits for this fusion) takes an fp32 bias with bf16
+    operands and applies the GELU to the fp32 accumulator. Returns None where
+    the op is missing or the processor has no bf16 products for oneDNN
+    (AVX2-only CPUs, checked by ``_is_mkldnn_bf16_supported``); the caller
+    then computes the same with public ops.
+    """
+    mkldnn = getattr(torch.ops, 'mkldnn', None)
+    op = getattr(mkldnn, '_linear_pointwise', None)
+    supported = getattr(mkldnn, '_is_mkldnn_bf16_supported', None)
+    if op is None or supported is None or \
+            not torch.backends.mkldnn.is_available() or \
+            (x.dtype == torch.bfloat16 and not supported()):
+        return None
+    return op(x, weight, bias, 'gelu' if gelu else 'none', [], 'none')
+
+
+def _private_upsample():
+    return getattr(getattr(torch._C, '_nn', None), 'upsample_bilinear2d',
+                   None)
+
+
+def upsample_bilinear_into(x, size, align_corners: bool, out):
+    """``F.interpolate(x, size, mode='bilinear')`` written into ``out``.
+
+    ``torch._C._nn.upsample_bilinear2d`` takes ``out=`` in every torch 2.x;
+    should it go, the result is computed and copied (same values, one more
+    temporary).
+    """
+    upsample = _private_upsample()
+    if upsample is not None:
+        return upsample(x, list(size), align_corners, None, None, out=out)
+    import torch.nn.functional as F
+    return out.copy_(F.interpolate(x, size=list(size), mode='bilinear',
+                                   align_corners=align_corners))
+
+
+def storage_users(tensor: torch.Tensor) -> int:
+    """How many tensors (views included) and storage objects share the
+    memory of ``tensor``, besides ``tensor`` itself plus one; a large number
+    where torch cannot tell (so that callers never reuse the memory).
+
+    ``Tensor._use_count`` and ``torch._C._storage_Use_Count`` (torch >= 2.1).
+    """
+    count = getattr(torch._C, '_storage_Use_Count', None)
+    use_count = getattr(tensor, '_use_count', None)
+    if count is None or use_count is None:
+        return sys.maxsize
+    storage = tensor.untyped_storage()  # itself one more user until freed
+    return max(use_count(), count(storage._cdata) - 1)
+
+
+# MMEngine's Runner keeps its ``resume``/``load_from`` arguments, the train
+# dataloader config and the randomness config in private attributes, and the
+# infinite iterator of IterBasedTrainLoop is private (mmengine 0.10.x).
+
+
+def runner_resume(runner):
+    """``(resume, load_from)`` as given to the Runner."""
+    return runner._resume, runner._load_from
+
+
+def set_runner_load_from(runner, path: str) -> None:
+    """The checkpoint ``Runner.load_or_resume`` will read (before it runs)."""
+    runner._load_from = path
+
+
+def built_train_loop(runner):
+    """The train loop if one has been built, else None (reading
+    ``runner.train_loop`` would build one in a test-only run)."""
+    from mmengine.runner.base_loop import BaseLoop
+    loop = runner._train_loop
+    return loop if isinstance(loop, BaseLoop) else None
+
+
+def train_dataloader_cfg(runner):
+    """The config the train dataloader was built from (or the object)."""
+    return runner._train_dataloader
+
+
+def diff_rank_seed(runner) -> bool:
+    return runner._randomness_cfg.get('diff_rank_seed', False)
+
+
+def infinite_dataloader_iterator(dataloader):
+    """What ``IterBasedTrainLoop`` iterates: its dataloader, endlessly."""
+    from mmengine.runner.loops import _InfiniteDataloaderIterator
+    return _InfiniteDataloaderIterator(dataloader)

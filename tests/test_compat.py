@@ -129,3 +129,89 @@ def test_full_mmcv_is_left_alone():
     assert info['focal_type'] != 'UnavailableOp'
     # checkpoint loading is still routed through the safe loader
     assert info['loader'] == 'poolformer_seg.utils.safe_load'
+
+
+# ----------------------------------------------------------------------------
+# Private and version-dependent APIs: the direct path and the fallback agree.
+
+
+class _NoPublicHook(torch.nn.Module):
+    """A module as torch < 2.5 has it: only the private registration."""
+    register_load_state_dict_pre_hook = None
+
+
+def test_pre_hook_registration_with_and_without_the_public_api():
+    for cls in (torch.nn.Linear, type('Old', (_NoPublicHook, torch.nn.Linear),
+                                      {})):
+        module = cls(2, 2)
+        seen = []
+        compat.register_load_state_dict_pre_hook(
+            module, lambda m, sd, prefix, *rest: seen.append((m, prefix)))
+        module.load_state_dict(torch.nn.Linear(2, 2).state_dict())
+        assert seen == [(module, '')], cls
+
+
+def test_safe_globals_fallback_is_a_no_op(monkeypatch):
+    with compat.torch_safe_globals([np.dtype]):
+        pass
+    monkeypatch.delattr(torch.serialization, 'safe_globals')
+    with compat.torch_safe_globals([np.dtype]) as context:
+        assert context is None
+
+
+def test_numpy_core_has_the_pickle_reconstructors():
+    core = compat.numpy_core()
+    assert callable(core.multiarray._reconstruct)
+    assert callable(core.multiarray.scalar)
+
+
+@pytest.mark.parametrize('gelu', [False, True])
+def test_onednn_linear_matches_public_ops_or_says_it_is_missing(
+        monkeypatch, gelu):
+    x = torch.randn(5, 8).bfloat16()
+    weight, bias = torch.randn(4, 8).bfloat16(), torch.randn(4)
+    expected = F.linear(x.float(), weight.float(), bias)
+    expected = F.gelu(expected) if gelu else expected
+    out = compat.onednn_linear(x, weight, bias, gelu)
+    bf16_cpu = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert (out is not None) == bf16_cpu  # AVX-512 bf16 or AMX: oneDNN's
+    if out is not None:
+        torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.02)
+    monkeypatch.setattr(torch.backends.mkldnn, 'is_available', lambda: False)
+    assert compat.onednn_linear(x, weight, bias, gelu) is None
+
+
+def test_upsample_into_direct_and_fallback_equal_interpolate(monkeypatch):
+    x = torch.randn(1, 3, 5, 7)
+    expected = F.interpolate(x, size=(11, 13), mode='bilinear',
+                             align_corners=False)
+    out = torch.empty_like(expected)
+    assert compat.upsample_bilinear_into(x, (11, 13), False, out) is out
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    monkeypatch.setattr(compat, '_private_upsample', lambda: None)
+    out = torch.zeros_like(expected)
+    compat.upsample_bilinear_into(x, (11, 13), False, out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_storage_users_counts_views_and_is_cautious_without_the_api(
+        monkeypatch):
+    tensor = torch.zeros(4)
+    assert compat.storage_users(tensor) == 1
+    view = tensor[1:]
+    assert compat.storage_users(tensor) == 2
+    del view
+    monkeypatch.delattr(torch._C, '_storage_Use_Count')
+    assert compat.storage_users(tensor) > 1  # never "free to reuse"
+
+
+def test_import_without_mmcv_says_what_to_install():
+    code = textwrap.dedent('''
+        import sys
+        sys.modules['mmcv'] = None  # as if no mmcv were installed
+        import poolformer_seg
+    ''')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True)
+    assert proc.returncode != 0
+    assert 'mmcv-lite' in proc.stderr and 'full mmcv' in proc.stderr

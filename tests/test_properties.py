@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poolformer_seg.models import PoolFormer
-from poolformer_seg.utils.checkpoint import convert_backbone_state_dict
+from poolformer_seg.utils.layouts import convert_backbone_state_dict
 from tests.helpers.upstream import (official_cls_from_feat,
                                     official_from_ours, timm_features_only,
                                     timm_from_official)

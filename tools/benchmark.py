@@ -8,7 +8,7 @@ One run builds the config's segmentor twice with identical weights: *ours*
 (the config with the fast path, as the ``*_fast`` configs set it, unless
 ``--no-fast``; ``--channels-last``/``--compile`` select parts of it) and
 the *reference*, the same FPN/FPNHead over MMPretrain 1.2.0's PoolFormer source
-(:mod:`poolformer_seg.utils.upstream`), eager, NCHW. For every mode, input
+(``tools/upstream_reference.py``), eager, NCHW. For every mode, input
 size and batch size the variants (model x dtype) are timed in turns, so that
 background load hits all of them alike, and medians are reported:
 
@@ -182,16 +182,27 @@ def randomize_(model, seed):
         t.copy_(value)
 
 
+def upstream_reference():
+    """``tools/upstream_reference.py``, loaded from its file: this script
+    also runs as a module of the tests, where ``tools/`` is not on the path."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        'upstream_reference.py')
+    spec = importlib.util.spec_from_file_location('upstream_reference', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def reference_of(ours):
     """The same segmentor with mmpretrain's PoolFormer and mmseg's FPN and
     FPNHead; same weights."""
     from mmseg.models.decode_heads import FPNHead
     from mmseg.models.necks import FPN
     from poolformer_seg.models import FastFPN, FastFPNHead
-    from poolformer_seg.utils.upstream import build_reference
     ref = copy.deepcopy(ours)
     # eager, NCHW, plain: only our backbone knows the fast-path flags
-    ref.backbone = build_reference(ours.backbone)
+    ref.backbone = upstream_reference().build_reference(ours.backbone)
     # FastFPN and FastFPNHead only change how FPN and FPNHead compute:
     # with the plain class, the same module (layers, weights, settings) is
     # mmseg's

@@ -27,14 +27,16 @@ import tempfile
 
 import poolformer_seg  # noqa: F401  (compat before any mmseg import)
 import torch
-from poolformer_seg.utils.checkpoint import (LAYOUTS, CheckpointError,
-                                             convert_backbone_state_dict,
-                                             convert_prefixed_keys,
-                                             read_checkpoint,
-                                             unwrap_state_dict)
+from poolformer_seg.utils.layouts import (LAYOUTS, CheckpointError,
+                                          convert_backbone_state_dict,
+                                          convert_prefixed_keys,
+                                          unwrap_state_dict)
+from poolformer_seg.utils.loading import read_checkpoint
 
 SEGMENTOR = 'mmseg-segmentor'
-DESCRIPTIONS = {**LAYOUTS, SEGMENTOR: 'mmseg 1.x / sail-sg mmseg 0.x '
+DESCRIPTIONS = {**{name: layout.description
+                   for name, layout in LAYOUTS.items()},
+                SEGMENTOR: 'mmseg 1.x / sail-sg mmseg 0.x '
                 '(backbone.network.*)'}
 _HEAD_PREFIXES = ('decode_head.', 'auxiliary_head.', 'neck.')
 _PLAIN = (type(None), bool, int, float, str)

@@ -21,7 +21,7 @@ from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.runner import Runner
 from poolformer_seg.engine import (adapt_to_cpu_distributed,
                                    init_cpu_process_group, load_tool_config)
-from poolformer_seg.utils.checkpoint import load_segmentor_checkpoint
+from poolformer_seg.utils.loading import load_segmentor_checkpoint
 
 
 def parse_args(argv=None):

@@ -31,7 +31,7 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 from mmseg.registry import DATASETS, MODELS
 
-from poolformer_seg.utils.checkpoint import load_segmentor_checkpoint
+from poolformer_seg.utils.loading import load_segmentor_checkpoint
 
 __all__ = ['build_segmentor', 'init_model', 'inference_model', 'predict_mask',
            'load_config', 'inference_transforms']

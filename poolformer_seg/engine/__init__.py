@@ -8,7 +8,7 @@ from .atomic import (AtomicLocalBackend, atomic_write,
 from .hooks import (FiniteLossHook, NonFiniteError, RNGStateHook,
                     SafeCheckpointHook, capture_rng_state, restore_rng_state)
 from .launch import (adapt_to_cpu_distributed, init_cpu_process_group,
-                     load_tool_config)
+                     load_tool_config, quiet_known_warnings)
 from .optim_wrapper import AmpOnCudaOptimWrapper
 
 __all__ = ['AtomicLocalBackend', 'atomic_write', 'find_resumable_checkpoint',
@@ -16,4 +16,5 @@ __all__ = ['AtomicLocalBackend', 'atomic_write', 'find_resumable_checkpoint',
            'RNGStateHook', 'SafeCheckpointHook', 'capture_rng_state',
            'restore_rng_state', 'adapt_to_cpu_distributed',
            'init_cpu_process_group', 'load_tool_config',
+           'quiet_known_warnings',
            'AmpOnCudaOptimWrapper']

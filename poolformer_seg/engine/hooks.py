@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from mmengine.dist import all_reduce, get_world_size, is_main_process
 from mmengine.hooks import CheckpointHook, Hook
-from mmengine.runner.base_loop import BaseLoop
-from mmengine.runner.loops import (IterBasedTrainLoop,
-                                   _InfiniteDataloaderIterator)
+from mmengine.runner.loops import IterBasedTrainLoop
 from mmseg.registry import HOOKS
 
+from ..compat import (built_train_loop, diff_rank_seed,
+                      infinite_dataloader_iterator, runner_resume,
+                      set_runner_load_from, train_dataloader_cfg)
 from .atomic import atomic_write, find_resumable_checkpoint
 
 
@@ -73,10 +74,11 @@ class SafeCheckpointHook(CheckpointHook):
                          file_client_args=file_client_args, **kwargs)
 
     def before_run(self, runner) -> None:
-        # Runs before Runner.load_or_resume(); `_resume` and `_load_from`
-        # are the runner's `resume` and `load_from` settings.
-        if runner._resume and runner._load_from is None:
-            runner._load_from = find_resumable_checkpoint(runner.work_dir)
+        # Runs before Runner.load_or_resume().
+        resume, load_from = runner_resume(runner)
+        if resume and load_from is None:
+            set_runner_load_from(runner,
+                                 find_resumable_checkpoint(runner.work_dir))
 
     def before_train(self, runner) -> None:
         super().before_train(runner)
@@ -214,9 +216,7 @@ class RNGStateHook(Hook):
         self._resumed_state = checkpoint.get('rng_state')
 
     def before_val(self, runner) -> None:
-        # `runner._train_loop` is a built loop only while training (reading
-        # `runner.train_loop` would build one in a test-only run).
-        if isinstance(runner._train_loop, BaseLoop):
+        if built_train_loop(runner) is not None:  # training, not test-only
             self._train_state = capture_rng_state()
 
     def after_val(self, runner) -> None:
@@ -252,7 +252,7 @@ class RNGStateHook(Hook):
             restore_rng_state(state)
 
     def _rebuild_dataloader(self, runner, loop) -> None:
-        cfg = runner._train_dataloader  # the config the loop was built from
+        cfg = train_dataloader_cfg(runner)
         if not isinstance(cfg, dict):
             runner.logger.warning(
                 f'the train dataloader was built with seed '
@@ -265,9 +265,8 @@ class RNGStateHook(Hook):
             f'{runner.seed} (it was built with {self._loader_seed})')
         loop.dataloader = runner.build_dataloader(
             copy.deepcopy(cfg), seed=runner.seed,
-            diff_rank_seed=runner._randomness_cfg.get('diff_rank_seed',
-                                                      False))
-        loop.dataloader_iterator = _InfiniteDataloaderIterator(
+            diff_rank_seed=diff_rank_seed(runner))
+        loop.dataloader_iterator = infinite_dataloader_iterator(
             loop.dataloader)
 
 

@@ -31,6 +31,8 @@ import zipfile
 import numpy as np
 import torch
 
+from ..compat import numpy_core, torch_safe_globals
+
 TRUST_ENV = 'POOLFORMER_SEG_TRUST_CHECKPOINTS'
 
 # Substrings of torch's weights-only errors that mean "the pickle asks for
@@ -82,7 +84,8 @@ def _history_buffer_setstate(self, state: dict) -> None:
 def _numpy_globals() -> list:
     dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes)
                      if name.endswith('DType')]
-    return [np._core.multiarray._reconstruct, np._core.multiarray.scalar,
+    core = numpy_core()
+    return [core.multiarray._reconstruct, core.multiarray.scalar,
             np.ndarray, np.dtype, *dtype_classes]
 
 
@@ -156,7 +159,7 @@ def load(file, map_location='cpu', trust: bool = False):
                       f'or {TRUST_ENV}=1)')
         return torch.load(file, map_location=map_location, weights_only=False)
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        with torch_safe_globals(allowed_globals()):
             return torch.load(file, map_location=map_location,
                               weights_only=True)
     except pickle.UnpicklingError as err:

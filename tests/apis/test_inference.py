@@ -13,7 +13,7 @@ import poolformer_seg  # noqa: F401
 from mmseg.datasets import ADE20KDataset
 from poolformer_seg.apis import (inference_model, init_model, predict_mask,
                                  inference_transforms)
-from poolformer_seg.utils.checkpoint import CheckpointMismatchError
+from poolformer_seg.utils.loading import CheckpointMismatchError
 
 from tests.apis.tiny import TINY_MODEL, save_random_checkpoint
 

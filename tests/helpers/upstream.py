@@ -17,24 +17,40 @@
   :func:`official_from_ours`, :func:`official_cls_from_feat`,
   :func:`timm_from_official`, :func:`timm_features_only`.
 """
+import functools
+import importlib.util
 import re
 import types
+from pathlib import Path
 
 import torch
 
 import poolformer_seg  # noqa: F401  (compat must precede mmseg.models)
+
+REFERENCE = Path(__file__).resolve().parents[2] / 'tools' / \
+    'upstream_reference.py'
+
+
+@functools.lru_cache(maxsize=None)
+def upstream_reference() -> types.ModuleType:
+    """``tools/upstream_reference.py``, loaded once from its file."""
+    spec = importlib.util.spec_from_file_location('upstream_reference',
+                                                  REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def mmpretrain_poolformer_module() -> types.ModuleType:
     """MMPretrain 1.2.0's ``backbones/poolformer.py``, executed from its file
     without mmpretrain's package ``__init__`` (which needs torchvision).
 
-    The loader lives in :mod:`poolformer_seg.utils.upstream` (shared with
-    ``tools/benchmark.py``): stand-ins for ``mmpretrain.registry`` (a private
-    registry) and the parent package exist only while the file executes.
+    The loader lives in ``tools/upstream_reference.py`` (shared with
+    ``tools/benchmark.py``, outside the installed package): stand-ins for
+    ``mmpretrain.registry`` (a private registry) and the parent package exist
+    only while the file executes.
     """
-    from poolformer_seg.utils.upstream import load_module
-    return load_module()
+    return upstream_reference().load_module()
 
 
 def mmpretrain_poolformer(**kwargs) -> torch.nn.Module:

@@ -11,8 +11,8 @@ from mmengine.registry import init_default_scope
 
 import poolformer_seg  # noqa: F401
 from mmseg.registry import MODELS
-from poolformer_seg.utils.checkpoint import (CheckpointMismatchError,
-                                             load_segmentor_checkpoint)
+from poolformer_seg.utils.loading import (CheckpointMismatchError,
+                                          load_segmentor_checkpoint)
 from poolformer_seg.utils.safe_load import load
 from tests.conftest import S12_CONFIG
 from tests.tools.test_resume import ENV, TINY_MODEL

@@ -96,6 +96,14 @@ def test_train_writes_checkpoint(trained_s12):
     assert len(trained_s12.losses) == TRAIN_ITERS
 
 
+def test_train_prints_no_known_upstream_warning(trained_s12):
+    from poolformer_seg.engine.launch import KNOWN_WARNINGS
+    patterns = [p for p, _, _ in KNOWN_WARNINGS] + [
+        'MultiScaleDeformableAttention']
+    shown = [p for p in patterns if re.search(p, trained_s12.stdout)]
+    assert not shown, trained_s12.stdout[-3000:]
+
+
 def test_test_py_prints_table_and_summary(tested_s12):
     stdout, _ = tested_s12  # stdout alone, without stderr
     assert 'per class results:' in stdout

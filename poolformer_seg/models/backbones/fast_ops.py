@@ -55,6 +55,8 @@ bias and GELU run inside oneDNN's product, :func:`_linear`).
 import torch
 import torch.nn.functional as F
 
+from ...compat import onednn_linear
+
 __all__ = ['fused_block']
 
 
@@ -154,8 +156,9 @@ def _linear(x, weight, bias, gelu=False):
     hidden rows, and rounded once instead of twice.
     """
     if _onednn_bf16(x.device, x.dtype):
-        return torch.ops.mkldnn._linear_pointwise(
-            x, weight, bias, 'gelu' if gelu else 'none', [], 'none')
+        out = onednn_linear(x, weight, bias, gelu)
+        if out is not None:
+            return out
     out = F.linear(x, weight, bias.to(x.dtype))
     return torch.ops.aten.gelu_(out) if gelu else out
 

@@ -20,7 +20,7 @@ per-channel layer scales.
 
 Weights of every published layout (sail-sg, mmpretrain/mmseg, timm, HF
 transformers) load through ``init_cfg=dict(type='Pretrained', checkpoint=...)``;
-see :mod:`poolformer_seg.utils.checkpoint` for the key mapping.
+see :mod:`poolformer_seg.utils.layouts` for the key mapping.
 """
 import copy
 import difflib
@@ -33,10 +33,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks import DropPath
+from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 
-from ...utils.checkpoint import upstream_keys_pre_hook
+from ...compat import register_load_state_dict_pre_hook
+from ...utils.layouts import conversion_message, convert_prefixed_keys
+from ...utils.loading import load_pretrained
 from .fast_ops import fused_block
 
 # Published variants. `layer_scale_init_value` is 1e-6 for the deeper ones.
@@ -335,7 +338,7 @@ class PoolFormer(BaseModule):
         # Whole-segmentor checkpoints of mmseg/mmpretrain and sail-sg name
         # our weights differently; convert them wherever load_state_dict runs
         # (tools/test.py, load_from, resume, inference API).
-        self.register_load_state_dict_pre_hook(upstream_keys_pre_hook)
+        register_load_state_dict_pre_hook(self, self._convert_on_load)
 
     @staticmethod
     def _check_out_indices(out_indices) -> Tuple[int, ...]:
@@ -438,10 +441,35 @@ class PoolFormer(BaseModule):
                     module.eval()
         return self
 
+    @staticmethod
+    def convert_checkpoint_keys(state_dict: dict, prefix: str = ''):
+        """Rename, in place, upstream PoolFormer keys under ``prefix`` to ours.
+
+        Returns ``(layout, count, dropped)`` as
+        :func:`~poolformer_seg.utils.layouts.convert_prefixed_keys`; the
+        strict segmentor loader calls it for every backbone of a model.
+        """
+        return convert_prefixed_keys(state_dict, prefix)
+
+    def _convert_on_load(self, module, state_dict, prefix, local_metadata,
+                         strict, missing_keys, unexpected_keys, error_msgs):
+        """``load_state_dict`` pre-hook: :meth:`convert_checkpoint_keys`.
+
+        Torch and mmengine call it before the module's own keys are matched,
+        with the (copied) state dict of the whole load, so converting in place
+        is what the rest of the load sees. Dropped tensors (classifier heads)
+        are reported as unexpected keys under their original names.
+        """
+        layout, count, dropped = self.convert_checkpoint_keys(state_dict,
+                                                              prefix)
+        if layout is not None:
+            unexpected_keys.extend(dropped)
+            print_log(conversion_message(layout, count, prefix),
+                      logger='current')
+
     def init_weights(self):
         if isinstance(self.init_cfg, dict) and \
                 self.init_cfg.get('type') == 'Pretrained':
-            from poolformer_seg.utils.checkpoint import load_pretrained
             load_pretrained(self, self.init_cfg['checkpoint'],
                             prefix=self.init_cfg.get('prefix'))
             self._is_init = True

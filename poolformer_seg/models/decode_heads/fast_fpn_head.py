@@ -8,14 +8,8 @@ from mmseg.models.losses import CrossEntropyLoss
 from mmseg.models.utils import Upsample, resize
 from mmseg.registry import MODELS
 
+from ...compat import storage_users, upsample_bilinear_into
 from ..losses import resized_cross_entropy
-
-
-def _storage_users(tensor: torch.Tensor) -> int:
-    """How many tensors (views included) and storage objects share the
-    memory of ``tensor``; 1 means only ``tensor`` itself."""
-    storage = tensor.untyped_storage()  # itself one more user until freed
-    return torch._C._storage_Use_Count(storage._cdata) - 1
 
 
 class RecycledOutput:
@@ -50,8 +44,7 @@ class RecycledOutput:
         if last.is_inference() and not torch.is_inference_mode_enabled():
             return None  # made under inference_mode: read-only outside it
         # 2: ``last`` and getrefcount's argument
-        if sys.getrefcount(last) > 2 or last._use_count() > 1 or \
-                _storage_users(last) > 1:
+        if sys.getrefcount(last) > 2 or storage_users(last) > 1:
             return None
         return last
 
@@ -177,8 +170,7 @@ class FastFPNHead(FPNHead):
                 out.dtype != feature.dtype or not out.is_contiguous(
                     memory_format=_memory_format(feature)):
             return last(feature)
-        return torch._C._nn.upsample_bilinear2d(
-            feature, size, last.align_corners, None, None, out=out)
+        return upsample_bilinear_into(feature, size, last.align_corners, out)
 
     def cls_seg(self, feat):
         """The classifier, in fp32 even under autocast: bf16 keeps 8 bits
@@ -212,9 +204,7 @@ class FastFPNHead(FPNHead):
             out = resize(seg_logits, size=size, mode='bilinear',
                          align_corners=self.align_corners)
         else:  # the op F.interpolate(size=...) runs, into the given output
-            torch._C._nn.upsample_bilinear2d(seg_logits, list(size),
-                                             self.align_corners, None, None,
-                                             out=out)
+            upsample_bilinear_into(seg_logits, size, self.align_corners, out)
         # a differentiable output is never kept: it holds its autograd graph
         return out if out.requires_grad else self._output.keep(out)
 

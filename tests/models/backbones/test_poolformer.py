@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from poolformer_seg import PoolFormer
-from poolformer_seg.utils.checkpoint import CheckpointMismatchError
+from poolformer_seg.utils.loading import CheckpointMismatchError
 from tests.helpers import upstream
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -244,7 +244,7 @@ def test_pretrained_log_names_layout_and_unfilled_norms(mmpretrain_s12,
                                                         tmp_path):
     path = tmp_path / 'official.pth'
     torch.save(_official_cls(mmpretrain_s12), path)
-    from poolformer_seg.utils.checkpoint import load_pretrained
+    from poolformer_seg.utils.loading import load_pretrained
     lines = load_pretrained(PoolFormer(arch='s12'), str(path))
     text = '\n'.join(lines)
     assert 'sail-sg classification layout' in text
