@@ -48,7 +48,7 @@ import torch
 __all__ = ['apply', 'full_mmcv_available', 'MissingMmcvOpError',
            'UnavailableOp', 'register_load_state_dict_pre_hook',
            'torch_safe_globals', 'numpy_core', 'onednn_linear',
-           'upsample_bilinear_into', 'storage_users', 'runner_resume',
+           'upsample_bilinear_into', 'storage_users', 'autocast_dtype', 'runner_resume',
            'set_runner_load_from', 'built_train_loop',
            'train_dataloader_cfg', 'diff_rank_seed',
            'infinite_dataloader_iterator']
@@ -191,6 +191,29 @@ def torch_safe_globals(allowed: list):
     if safe_globals is None:
         return contextlib.nullcontext()
     return safe_globals(allowed)
+
+
+def autocast_dtype(device_type: str):
+    """The dtype autocast computes in on ``device_type``, or None when it
+    is off there (always on ``meta``, which has no autocast).
+
+    ``torch.is_autocast_enabled(device_type)`` and
+    ``torch.get_autocast_dtype`` take a device from torch 2.4; before that
+    only CPU and CUDA have autocast, each with its own functions.
+    """
+    if device_type == 'meta':
+        return None
+    if _has_torch(2, 4):
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+    if device_type == 'cpu':
+        return torch.get_autocast_cpu_dtype() \
+            if torch.is_autocast_cpu_enabled() else None
+    if device_type == 'cuda':
+        return torch.get_autocast_gpu_dtype() \
+            if torch.is_autocast_enabled() else None
+    return None
 
 
 def numpy_core():

@@ -215,3 +215,13 @@ def test_import_without_mmcv_says_what_to_install():
                           text=True)
     assert proc.returncode != 0
     assert 'mmcv-lite' in proc.stderr and 'full mmcv' in proc.stderr
+
+
+@pytest.mark.parametrize('new_api', [True, False])
+def test_autocast_dtype_on_every_torch(monkeypatch, new_api):
+    monkeypatch.setattr(compat, '_has_torch', lambda *version: new_api)
+    assert compat.autocast_dtype('cpu') is None
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert compat.autocast_dtype('cpu') == torch.bfloat16
+        assert compat.autocast_dtype('meta') is None
+    assert compat.autocast_dtype('meta') is None

@@ -58,12 +58,14 @@ class KeyReport:
                 if key in state_dict
                 and state_dict[key].shape != value.shape])
 
-    def lines(self) -> List[str]:
-        """One indented line per non-empty category."""
+    def lines(self, counts: bool = True) -> List[str]:
+        """One indented line per non-empty category (``missing (3): ...``,
+        or ``missing: ...`` without ``counts``)."""
         rows = [('missing', self.missing, 12),
                 ('shape mismatch', self.mismatched, 6),
                 ('unexpected', self.unexpected, 12)]
-        return [f'  {name} ({len(keys)}): {format_keys(keys, limit)}'
+        return [f'  {name}{f" ({len(keys)})" if counts else ""}: '
+                f'{format_keys(keys, limit)}'
                 for name, keys, limit in rows if keys]
 
 
@@ -114,7 +116,7 @@ def _pretrained_mismatch(checkpoint: str, layout: str, model,
         [f'{checkpoint} ({LAYOUTS[layout].description} layout) does not fit '
          f'PoolFormer(arch layers={model.arch["layers"]}, '
          f'embed_dims={model.arch["embed_dims"]}); was it saved from '
-         'another arch?'] + fatal.lines())
+         'another arch?'] + fatal.lines(counts=False))
 
 
 def load_pretrained(model: torch.nn.Module, checkpoint: str,

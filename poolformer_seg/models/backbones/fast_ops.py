@@ -55,7 +55,8 @@ bias and GELU run inside oneDNN's product, :func:`_linear`).
 import torch
 import torch.nn.functional as F
 
-from ...compat import onednn_linear
+from ...compat import autocast_dtype, onednn_linear
+from ..utils import autocast_off
 
 __all__ = ['fused_block']
 
@@ -96,17 +97,17 @@ def _stats_blockwise(x, eps):
     if flat.shape[1] <= step:
         return _stats(x, eps)
     means, variances, counts = [], [], []
-    for start in range(0, flat.shape[1], step):
-        part = flat[:, start:start + step]
+    for part in flat.split(step, 1):
         _, mean, rstd = torch.native_layer_norm(part, part.shape[1:], None,
                                                 None, eps)
         means.append(mean.view(-1))
         variances.append(rstd.view(-1).double().pow(-2) - eps)
         counts.append(part.shape[1])
-    weights = torch.tensor(counts, dtype=torch.float64) / flat.shape[1]
+    weights = torch.tensor(counts, dtype=torch.float64,
+                           device=flat.device) / flat.shape[1]
     means = torch.stack(means, 1).double()
     mean = means @ weights
-    var = (torch.stack(variances, 1) + (means - mean[:, None]).pow(2)) @ (
+    var = (torch.stack(variances, 1) + (means - mean.unsqueeze(1)).pow(2)) @ (
         weights)
     return mean.to(flat.dtype), (var + eps).rsqrt().to(flat.dtype)
 
@@ -133,10 +134,7 @@ def _mix(x, c, pool_size):
 
 
 def _compute_dtype(x):
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    return autocast_dtype(x.device.type) or x.dtype
 
 
 def _onednn_bf16(device, dtype):
@@ -159,6 +157,11 @@ def _linear(x, weight, bias, gelu=False):
         out = onednn_linear(x, weight, bias, gelu)
         if out is not None:
             return out
+        # no bf16 oneDNN products on this CPU (and no speed to gain from
+        # bf16 there): the same single rounding, from an fp32 product
+        with autocast_off(x.device):
+            out = F.linear(x.float(), weight.float(), bias.float())
+        return (torch.ops.aten.gelu_(out) if gelu else out).to(x.dtype)
     out = F.linear(x, weight, bias.to(x.dtype))
     return torch.ops.aten.gelu_(out) if gelu else out
 
@@ -256,7 +259,7 @@ class _Block(torch.autograd.Function):
                 pool_size, eps1, eps2):
         params = dict(zip(_PARAMS, (beta1, g2, beta2, w1, b1, w2, b2, ls2)))
         dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device):
             out, stats = _forward(x, coef, _fold(params, dtype), keep,
                                   pool_size, eps1, eps2)
         ctx.save_for_backward(x, coef, keep, *stats, *params.values())
@@ -269,7 +272,7 @@ class _Block(torch.autograd.Function):
         p = dict(zip(_PARAMS, saved))
         k, dtype = ctx.pool_size, ctx.dtype
         pdt = p['w1'].dtype  # gradients of the parameters in their dtype
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device):
             fw1, fb1, fw2, _ = _fold(p, dtype)
             # recompute the forward up to the GELU input
             c = _mixer_coef(x, coef, rstd1)
@@ -346,7 +349,7 @@ def fused_block(x, norm1, norm2, fc1, fc2, ls1, ls2, pool_size, drop=None,
             t.requires_grad for t in (x, coef, *params))):
         dtype = _compute_dtype(x)
         named = dict(zip(_PARAMS, params))
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device):
             if keep is None and x.is_contiguous(
                     memory_format=torch.channels_last):
                 return _forward_rows(x, coef, named,

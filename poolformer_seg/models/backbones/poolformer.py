@@ -314,7 +314,8 @@ class PoolFormer(BaseModule):
         dims = a['embed_dims']
         self.stem = PatchEmbed(in_channels, dims[0], a['stem_patch_size'],
                                a['stem_stride'], a['stem_padding'])
-        rates = torch.linspace(0, drop_path_rate, sum(a['layers'])).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(a['layers']),
+                               device='cpu').tolist()
         self.stages = nn.ModuleList()
         for i, depth in enumerate(a['layers']):
             downsample = nn.Identity() if i == 0 else PatchEmbed(

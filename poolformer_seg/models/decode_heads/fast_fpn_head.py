@@ -10,6 +10,7 @@ from mmseg.registry import MODELS
 
 from ...compat import storage_users, upsample_bilinear_into
 from ..losses import resized_cross_entropy
+from ..utils import autocast_off
 
 
 class RecycledOutput:
@@ -106,20 +107,36 @@ class FastFPNHead(FPNHead):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        loss = self.loss_decode
-        if not isinstance(loss, CrossEntropyLoss) or loss.use_sigmoid or \
-                loss.use_mask or loss.class_weight is not None or \
-                self.sampler is not None:
+        unsupported = self._unsupported_options()
+        if unsupported:
             raise ValueError(
-                'FastFPNHead supports one softmax CrossEntropyLoss without '
-                'class_weight and no sampler; got loss_decode='
-                f'{kwargs.get("loss_decode")!r}, sampler='
-                f'{kwargs.get("sampler")!r}. Use type="FPNHead" for others')
+                f'FastFPNHead supports one softmax CrossEntropyLoss with '
+                f'mean reduction, computed as FPNHead does; these settings '
+                f'would give another result: '
+                f'{", ".join(unsupported)}. Use type="FPNHead" for them')
         self._output = RecycledOutput()
         self._scratch = RecycledOutput()  # see forward
         for module in self.scale_heads.modules():
             if isinstance(module, ConvModule):
                 module.turn_on_efficient_conv_bn_eval()
+
+    def _unsupported_options(self):
+        """The head and loss settings the blockwise loss does not compute
+        as ``FPNHead`` does, as ``name=value`` strings."""
+        loss = self.loss_decode
+        if not isinstance(loss, CrossEntropyLoss):
+            return [f'loss_decode={type(loss).__name__} (one '
+                    'CrossEntropyLoss, not a list or another loss)']
+        checks = [
+            ('loss_decode.use_sigmoid', loss.use_sigmoid, False),
+            ('loss_decode.use_mask', loss.use_mask, False),
+            ('loss_decode.class_weight', loss.class_weight, None),
+            ('loss_decode.reduction', loss.reduction, 'mean'),
+            ('sampler', self.sampler, None),
+            ('out_channels', self.out_channels, self.num_classes),
+        ]
+        return [f'{name}={value!r}' for name, value, supported in checks
+                if value != supported]
 
     def forward(self, inputs):
         """``FPNHead.forward`` without its no-op resizes: each scale head
@@ -133,7 +150,11 @@ class FastFPNHead(FPNHead):
         each paid for again in page faults."""
         x = self._transform_inputs(inputs)
         output = self.scale_heads[0](x[0])
-        if _needs_grad(output):
+        # any summand may need a gradient (a frozen first scale head, a
+        # trainable later one): then nothing is written in place
+        if torch.is_grad_enabled() and (
+                any(t.requires_grad for t in x) or
+                any(p.requires_grad for p in self.scale_heads.parameters())):
             for scale_head, feature in zip(self.scale_heads[1:], x[1:]):
                 output = output + self._to_size(scale_head(feature), output)
             return self.cls_seg(output)
@@ -179,7 +200,7 @@ class FastFPNHead(FPNHead):
         A 1x1 convolution at stride 4, it costs little in fp32."""
         if self.dropout is not None:
             feat = self.dropout(feat)
-        with torch.autocast(feat.device.type, enabled=False):
+        with autocast_off(feat.device):
             return self.conv_seg(feat.to(self.conv_seg.weight.dtype))
 
     def loss_by_feat(self, seg_logits, batch_data_samples) -> dict:

@@ -319,6 +319,45 @@ def test_blockwise_statistics_equal_whole_tensor_statistics(
     assert mean.dtype == rstd.dtype == torch.float32
 
 
+def test_blockwise_statistics_stay_on_the_input_device(monkeypatch):
+    """FakeTensorMode refuses a CPU tensor meeting a CUDA one: the
+    statistics of a (fake) CUDA input are computed without any CPU
+    tensor, so the fast path is device-clean without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from poolformer_seg.models.backbones import fast_ops
+    monkeypatch.setattr(fast_ops, 'BLOCK_BYTES', 40 * 4)
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    meta = torch.empty(2, 5, 9, 7, device='meta').contiguous(
+        memory_format=torch.channels_last)
+    x = FakeTensor(mode, meta, torch.device('cuda'))  # no CUDA build needed
+    with mode:
+        mean, rstd = fast_ops._stats_blockwise(x, 1e-5)
+    assert mean.device.type == rstd.device.type == 'cuda'
+    assert mean.shape == rstd.shape == (2, )
+
+
+def test_fast_segmentor_runs_on_the_meta_device():
+    """The fused backbone, FastFPN and FastFPNHead on ``meta`` tensors:
+    shapes (and FLOPs) without data or memory."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+
+    from tests.conftest import S12_CONFIG
+    init_default_scope('mmseg')
+    cfg = Config.fromfile(S12_CONFIG.replace('.py', '_fast.py'))
+    cfg.model.backbone.init_cfg = None
+    cfg.model.decode_head.norm_cfg = dict(type='BN', requires_grad=True)
+    with torch.device('meta'):
+        model = MODELS.build(cfg.model).eval()
+        x = torch.empty(1, 3, 100, 132)
+    with torch.no_grad():
+        logits = model(x, mode='tensor')
+    assert logits.device.type == 'meta'
+    assert logits.shape == (1, 150, 25, 33)
+
+
 def test_fused_backbone_with_small_blocks_equals_plain(monkeypatch):
     from poolformer_seg.models.backbones import fast_ops
     monkeypatch.setattr(fast_ops, 'BLOCK_BYTES', 4096)
