@@ -169,3 +169,15 @@ def trained_s12(tmp_path_factory, make_tiny_config):
     assert osp.isfile(checkpoint), os.listdir(work_dir)
     return TrainedRun(config, work_dir, checkpoint, read_losses(work_dir),
                       proc.stdout)
+
+
+# Session fixtures that train a model or run a tool end to end: every test
+# that uses one belongs to the slow tier, wherever it is.
+SLOW_FIXTURES = {'trained_s12', 'tested_s12', 'noisy_predictions', 'exported',
+                 'tool_output', 'uninterrupted', 'report'}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, 'fixturenames', ())):
+            item.add_marker(pytest.mark.slow)

@@ -117,6 +117,7 @@ FULL_MMCV = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_full_mmcv_is_left_alone():
     result = subprocess.run([sys.executable, '-c', FULL_MMCV],
                             capture_output=True, text=True, timeout=300)
@@ -205,6 +206,7 @@ def test_storage_users_counts_views_and_is_cautious_without_the_api(
     assert compat.storage_users(tensor) > 1  # never "free to reuse"
 
 
+@pytest.mark.slow
 def test_import_without_mmcv_says_what_to_install():
     code = textwrap.dedent('''
         import sys

@@ -121,6 +121,7 @@ def sample_image(tmp_path_factory):
     return str(root / 'img.jpg'), str(root / 'img.png')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_builds_and_runs(variant, sample_image):
     cfg = Config.fromfile(config_path(variant))
@@ -156,6 +157,7 @@ def fast_config_path(variant):
     return config_path(variant).replace('_ade20k.py', '_ade20k_fast.py')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_fast_config_computes_the_plain_config(variant):
     """The *_fast configs differ only by the fast path: same parameters,

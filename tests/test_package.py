@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 # Imports every module of the installed package, then lists sys.modules.
 _IMPORT_ALL = '''
 import json, pkgutil, sys, importlib
@@ -15,6 +17,7 @@ print(json.dumps({'package': names, 'loaded': sorted(sys.modules)}))
 '''
 
 
+@pytest.mark.slow
 def test_package_holds_no_upstream_reference_code():
     out = subprocess.run([sys.executable, '-c', _IMPORT_ALL], check=True,
                          capture_output=True, text=True).stdout

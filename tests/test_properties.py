@@ -7,6 +7,7 @@ file at a few seconds.
 """
 import re
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,6 +37,7 @@ def stems(draw):
                 stem_padding=draw(st.integers(0, kernel // 2)))
 
 
+@pytest.mark.slow
 @FAST
 @given(stem=stems(), data=st.data(), batch=st.integers(1, 2),
        out_indices=st.sets(st.integers(0, 3), min_size=1))
@@ -151,6 +153,7 @@ def _layouts(ours):
     }
 
 
+@pytest.mark.slow
 @FEW
 @given(arch=archs(), seed=st.integers(0, 2**16))
 def test_conversion_round_trips(arch, seed):

@@ -215,6 +215,7 @@ def test_error_names_file_through_dataloader_worker(tmp_path):
 # Odd but valid images: converted to 8-bit BGR
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['gray', 'rgba', 'uint16', 'uint16_gray'])
 def test_image_modes_convert_to_8bit_bgr(tmp_path, kind):
     rng = np.random.default_rng(2)
@@ -253,6 +254,7 @@ def tiny_segmentor():
     return cfg, segmentor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('size', [(20, 17), (9, 300)])
 def test_small_images_train_and_test(tmp_path, tiny_segmentor, size):
     cfg, model = tiny_segmentor

@@ -42,6 +42,7 @@ def uninterrupted(tmp_path_factory):
     return final_weights(runner)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_workers', [0, 2])
 def test_resume_is_exact(tmp_path, uninterrupted, num_workers):
     """4 iterations, then --resume to 8 == 8 in one go, bit for bit.
@@ -77,6 +78,7 @@ def test_resume_without_rng_hook_differs(tmp_path, uninterrupted):
                for k in weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('failing,after', [('iter_6.pth', 0),
                                            ('last_checkpoint', 2)])
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch,
@@ -131,6 +133,7 @@ KILLED_DURING_SAVE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_kill_9_during_save(tmp_path):
     """SIGKILL while iter_4.pth is half written: iter_2 and the pointer are
     intact, and resuming from them completes the run."""

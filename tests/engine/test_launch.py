@@ -59,6 +59,7 @@ warnings.warn('This DataLoader will create 4 worker processes in total. '
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('quiet', [False, True])
 def test_known_upstream_warnings_are_silenced_by_the_tools(quiet):
     from poolformer_seg.engine.launch import KNOWN_WARNINGS

@@ -90,6 +90,7 @@ BUILD_AND_RUN = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_upernet_config_uses_backbone_through_custom_imports(tmp_path):
     config = tmp_path / 'upernet_poolformer_s12.py'
     config.write_text(UPERNET_CONFIG)

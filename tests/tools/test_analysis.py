@@ -36,6 +36,7 @@ def config_of(variant):
 
 # ---------------------------------------------------------------- get_flops
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', sorted(KNOWN_PARAMS))
 def test_parameter_counts_equal_the_known_ones(variant):
     counts = count_parameters(build_segmentor(config_of(variant)))
@@ -67,6 +68,7 @@ def analytic_backbone_flops(backbone, shape):
     return total
 
 
+@pytest.mark.slow
 def test_get_flops_tool_on_s12(load_tool, tmp_path, capsys):
     out = str(tmp_path / 'flops.json')
     load_tool('analysis/get_flops.py').main(
@@ -95,6 +97,7 @@ def test_get_flops_tool_on_s12(load_tool, tmp_path, capsys):
 
 # -------------------------------------------------------------- plot_curves
 
+@pytest.mark.slow
 def test_plot_curves_from_a_real_log(trained_s12, load_tool, tmp_path):
     """The shared fixture's tools/train.py run: S12, TRAIN_ITERS iterations,
     a log line per iteration, validation at the end."""
@@ -178,6 +181,7 @@ def noisy_predictions(ade_tiny, make_tiny_config, tmp_path_factory):
     return config, str(pred_dir), pairs
 
 
+@pytest.mark.slow
 def test_confusion_matrix_matches_numpy_and_iou_metric(
         noisy_predictions, load_tool, tmp_path, capsys):
     config, pred_dir, pairs = noisy_predictions

@@ -63,6 +63,7 @@ def test_checkpoint_from_another_architecture(s12_model_cfg, tmp_path):
         '[64, 3, 7, 7])' in message
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_training(run_tool, make_tiny_config,
                                         tmp_path):
     """lr=1e30 blows the weights up after one step; the run stops at the

@@ -83,6 +83,7 @@ def test_markdown_and_plot_files(report):
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
 
 
+@pytest.mark.slow
 def test_agreement_check_catches_different_weights(bench):
     """The check compares real outputs: perturbed weights are caught."""
     args = bench.parse_args([S12_CONFIG, '--threads', '1', *FAST])
@@ -130,6 +131,7 @@ def test_bf16_operand_floor_rounds_the_operands_only(bench):
     assert not model.conv._forward_pre_hooks
 
 
+@pytest.mark.slow
 def test_memory_probe_reports_peak(run_tool, tmp_path):
     out = tmp_path / 'm.json'
     run_tool('benchmark.py', S12_CONFIG, '--sizes', '64x64', '--dtype',
@@ -140,6 +142,7 @@ def test_memory_probe_reports_peak(run_tool, tmp_path):
     assert 0 < record['peak_delta_mb'] < record['peak_mb']
 
 
+@pytest.mark.slow
 def test_bad_size_is_rejected(run_tool):
     proc = run_tool('benchmark.py', S12_CONFIG, '--sizes', '512', check=False)
     assert proc.returncode == 2 and 'HEIGHTxWIDTH' in proc.stdout

@@ -68,6 +68,7 @@ def onnx_input(images_bgr):
 
 
 # the traced size, another multiple of 32, and neither
+@pytest.mark.slow
 @pytest.mark.parametrize('shape', [(96, 128), (128, 160), (100, 150)])
 def test_onnx_matches_pytorch(exported, shape):
     model, session, _, _ = exported
@@ -160,6 +161,7 @@ def test_docs_snippet_reproduces_predict_mask(exported, tmp_path):
     assert (ours == expected).mean() > 0.999
 
 
+@pytest.mark.slow
 def test_fast_path_model_exports_and_matches(make_tiny_config, tmp_path):
     """A *_fast-style model (fused blocks, channels_last, FastFPNHead)
     exports through the plain blocks and computes the same logits."""

@@ -52,6 +52,7 @@ def tool_output(tiny, photos, run_tool, tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_writes_mask_overlay_legend_per_image(tool_output, photos):
     out, stdout = tool_output
     assert 'wrote 8 files for 2 image(s)' in stdout

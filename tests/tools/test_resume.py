@@ -88,6 +88,7 @@ def assert_same_run(resumed, reference):
     assert resumed['param_schedulers'] == reference['param_schedulers']
 
 
+@pytest.mark.slow
 def test_resume_n_then_m_equals_one_run(run_tool, config, uninterrupted,
                                         tmp_path):
     """Issue 3: 4 iterations, then --resume to 8 == 8 iterations at once."""
@@ -121,6 +122,7 @@ def _kill_at_random_moment(cmd, rng):
     return f'killed {delay:.2f}s after iteration {target} was logged'
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted(config, uninterrupted,
                                                  run_tool, tmp_path):
     seed = int(os.environ.get('RESUME_KILL_SEED', time.time_ns() % 10**6))

@@ -104,6 +104,7 @@ def test_train_prints_no_known_upstream_warning(trained_s12):
     assert not shown, trained_s12.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_test_py_prints_table_and_summary(tested_s12):
     stdout, _ = tested_s12  # stdout alone, without stderr
     assert 'per class results:' in stdout
@@ -145,6 +146,7 @@ def test_learning_beats_chance(trained_s12, tested_s12, ade_tiny):
     assert miou > 3 * chance
 
 
+@pytest.mark.slow
 def test_tta_reports_miou(trained_s12, tested_s12, run_tool, ade_tiny,
                           tmp_path):
     # 3 of the validation images: TTA makes 12 passes per image
@@ -169,6 +171,7 @@ def test_tta_reports_miou(trained_s12, tested_s12, run_tool, ade_tiny,
     assert changed > 0
 
 
+@pytest.mark.slow
 def test_strict_checkpoint_loading(trained_s12, run_tool, tmp_path):
     state = load(trained_s12.checkpoint)
     del state['state_dict']['decode_head.conv_seg.weight']
@@ -214,6 +217,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_distributed_gloo_replicas_identical(make_tiny_config, tmp_path):
     """2 processes, torchrun + gloo, via tools/dist_train.sh."""
     iters = 2

@@ -120,6 +120,7 @@ def conversion_lines(lines):
 # Upstream segmentor checkpoints
 
 
+@pytest.mark.slow
 def test_mmseg_checkpoint_gives_upstream_logits(mmseg_ckpt, inputs,
                                                 upstream_logits):
     model = our_segmentor()
@@ -132,6 +133,7 @@ def test_mmseg_checkpoint_gives_upstream_logits(mmseg_ckpt, inputs,
     assert_logits_equal(model, inputs, upstream_logits)
 
 
+@pytest.mark.slow
 def test_sail_sg_mmseg0x_checkpoint_gives_upstream_logits(ckpt_dir, inputs):
     # weights of our layout written under sail-sg names from the key mapping
     source = upstream.randomize_(our_segmentor(), seed=7)
@@ -269,6 +271,7 @@ def test_unused_keys_only_warn(upstream_model, ckpt_dir):
     _mapped_equal(model, upstream_model.state_dict())
 
 
+@pytest.mark.slow
 def test_ddp_prefix_and_model_wrapper(upstream_model, ckpt_dir):
     state = {f'module.{k}': v for k, v in upstream_model.state_dict().items()}
     path = ckpt_dir / 'ddp.pth'
@@ -294,6 +297,7 @@ def test_warm_start_with_another_head_says_what_was_skipped(
                        upstream_model.backbone.network[6][1].layer_scale_2)
 
 
+@pytest.mark.slow
 def test_converted_on_disk_round_trip_gives_upstream_logits(
         mmseg_ckpt, ckpt_dir, inputs, upstream_logits):
     dst = ckpt_dir / 'converted.pth'

@@ -151,6 +151,7 @@ def test_pretrained_init_refuses(evil):
         Other().init_weights()
 
 
+@pytest.mark.slow
 def test_tools_refuse(tmp_path, make_tiny_config):
     """tools/test.py and tools/convert_checkpoint.py, as the user runs
     them (one payload: each run costs a process start)."""

@@ -445,6 +445,7 @@ def test_fused_bf16_training_step_gives_finite_close_gradients():
 # pytorch/pytorch#181696, #183120, #141541)
 
 
+@pytest.mark.slow
 def test_compiled_backbone_equals_eager():
     # the stem, one block and its output norm keep the compile time low
     arch = dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32])

@@ -40,6 +40,7 @@ def pretrained(path, **kwargs):
 # Sizes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch, count', [
     ('s12', 11_403_200), ('s24', 20_876_992), ('s36', 30_350_784),
     ('m36', 55_404_864), ('m48', 72_705_792)])
@@ -101,6 +102,7 @@ OUR_TINY = dict(layers=[2, 1, 2, 1], embed_dims=[16, 32, 48, 64],
                 stem_padding=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config, arch, head, fmt', [
     ('tiny', OUR_TINY, False, 'bin'),
     ('tiny', OUR_TINY, False, 'safetensors'),
@@ -216,6 +218,7 @@ LAYOUT_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', list(LAYOUT_CASES))
 def test_upstream_layouts_give_mmpretrain_stage_features(
         case, mmpretrain_s12, references, tmp_path):
