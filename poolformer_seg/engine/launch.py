@@ -26,6 +26,9 @@ KNOWN_WARNINGS = [
     (r'`reduce_zero_label` will be deprecated', UserWarning,
      "mmseg's ADE20K pipeline sets it on LoadAnnotations, as the paper's "
      'configs do; it works as documented'),
+    (r'The draw is False, it means that the hook for visualization',
+     UserWarning, "mmseg's default runtime: pictures are drawn only with "
+     "tools/test.py's --show-dir, which turns it on"),
     (r'This DataLoader will create \d+ worker processes', UserWarning,
      'the configs keep the paper\'s 4 workers per GPU; on fewer cores the '
      'workers only share them'),
