@@ -30,7 +30,8 @@ output norms ``norm{i}``; the original sail-sg checkpoints are converted by
 """
 import copy
 import difflib
-from typing import Dict, List, Sequence, Tuple, Union
+import re
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,12 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmseg.registry import MODELS
+
+from ...utils.checkpoint import (CheckpointError, CheckpointMismatchError,
+                                 read_checkpoint, unwrap_state_dict)
+from ...utils.metaformer_layouts import (LAYOUTS,
+                                         convert_metaformer_state_dict,
+                                         match_pointwise_shapes)
 
 NUM_STAGES = 4
 TOKEN_MIXERS = ('identity', 'pool', 'sepconv', 'attention')
@@ -555,7 +562,97 @@ def _check_out_indices(out_indices) -> Tuple[int, ...]:
     return tuple(sorted(resolved))
 
 
+def _describe(model: MetaFormer) -> str:
+    if model.arch_name != 'custom':
+        return f'MetaFormer(arch={model.arch_name!r})'
+    a = model.arch
+    return (f"MetaFormer(custom arch layers={a['layers']}, embed_dims="
+            f"{a['embed_dims']}, token_mixers={a['token_mixers']})")
+
+
+def _short(keys, limit=12) -> str:
+    keys = list(keys)
+    more = f' ... and {len(keys) - limit} more' if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
 def load_pretrained_metaformer(model: MetaFormer, checkpoint: str,
-                               prefix=None) -> List[str]:
-    """Placeholder until the layouts module exists."""
-    raise NotImplementedError
+                               prefix: Optional[str] = None) -> List[str]:
+    """Load timm or sail-sg weights (any file format) into ``model``.
+
+    Strict except for the output norms ``norm{i}`` (classifiers have at
+    most the final one, see :mod:`poolformer_seg.utils.metaformer_layouts`):
+    a missing or unexpected stem/stage key, or a shape that does not fit,
+    raises :class:`CheckpointMismatchError` naming the keys and the arch.
+
+    Args:
+        checkpoint (str): local file (``.pth``, ``.bin``,
+            ``.safetensors``), HF model directory or URL.
+        prefix (str, optional): keep only keys under it and strip it. A
+            checkpoint with ``backbone.`` keys (a whole segmentor) uses
+            ``'backbone.'`` without being told.
+
+    Returns:
+        list[str]: the log lines (also printed to the current logger).
+    """
+    state_dict = unwrap_state_dict(read_checkpoint(checkpoint))
+    notes = []
+    if prefix is None and any(k.startswith('backbone.') for k in state_dict):
+        prefix = 'backbone.'
+        outside = sorted({k.split('.', 1)[0] for k in state_dict
+                          if not k.startswith(prefix)})
+        if outside:
+            notes.append(f"ignored keys outside 'backbone.': "
+                         f'{", ".join(outside)}')
+    if prefix:
+        selected = {k[len(prefix):]: v for k, v in state_dict.items()
+                    if k.startswith(prefix)}
+        if not selected:
+            raise CheckpointError(
+                f'{checkpoint}: no key starts with prefix={prefix!r}; first '
+                f'keys: {_short(state_dict, 5)}')
+        state_dict = selected
+    try:
+        converted, layout, layout_notes = convert_metaformer_state_dict(
+            state_dict)
+    except CheckpointError as err:
+        raise CheckpointError(f'{checkpoint}: {err}') from None
+    expected = model.state_dict()
+    converted = match_pointwise_shapes(converted, expected)
+
+    is_output_norm = re.compile(r'norm\d\.').match
+    mismatched = [f'{k} (checkpoint {list(v.shape)}, model '
+                  f'{list(expected[k].shape)})' for k, v in converted.items()
+                  if k in expected and v.shape != expected[k].shape]
+    missing = [k for k in expected if k not in converted]
+    unexpected = [k for k in converted if k not in expected]
+    fatal_missing = [k for k in missing if not is_output_norm(k)]
+    fatal_unexpected = [k for k in unexpected if not is_output_norm(k)]
+    if mismatched or fatal_missing or fatal_unexpected:
+        raise CheckpointMismatchError('\n'.join(
+            [f'{checkpoint} ({LAYOUTS[layout][0]} layout) does not fit '
+             f'{_describe(model)}; was it saved from another variant?'] +
+            ([f'  shape mismatch: {_short(mismatched, 6)}']
+             if mismatched else []) +
+            ([f'  missing: {_short(fatal_missing)}']
+             if fatal_missing else []) +
+            ([f'  unexpected: {_short(fatal_unexpected)}']
+             if fatal_unexpected else [])))
+    model.load_state_dict(
+        {k: v for k, v in converted.items() if k in expected}, strict=False)
+
+    lines = [f'MetaFormer: loaded {len(converted) - len(unexpected)} tensors '
+             f'from {checkpoint} ({LAYOUTS[layout][0]} layout) into '
+             f'{_describe(model)}']
+    lines += [f'MetaFormer: {note}' for note in notes + layout_notes]
+    if unexpected:
+        lines.append('MetaFormer: output norms in the checkpoint for stages '
+                     f'not in out_indices (ignored): {_short(unexpected)}')
+    left = sorted({k.split('.')[0] for k in missing})
+    if left:
+        lines.append(f'MetaFormer: output norms {", ".join(left)} are not in '
+                     'the checkpoint and keep their initialisation (weight '
+                     '1, bias 0)')
+    for line in lines:
+        print_log(line, logger='current')
+    return lines
