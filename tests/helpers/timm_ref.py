@@ -24,6 +24,18 @@ import types
 import pytest
 import torch
 
+# timm 1.0.31 ``features_only`` parameter counts (stem + stages, no head,
+# no output norms): shared/reference/metaformer-and-speed.md section 2; the
+# backbone tests re-check them against the live timm models.
+TIMM_FEATURE_PARAMS = {
+    'poolformerv2_s12': 11_377_688, 'poolformerv2_s24': 20_827_440,
+    'poolformerv2_s36': 30_277_192, 'poolformerv2_m36': 55_306_632,
+    'poolformerv2_m48': 72_575_520,
+    'convformer_s18': 23_669_704, 'convformer_s36': 36_907_408,
+    'convformer_m36': 53_411_472, 'convformer_b36': 94_439_568,
+    'caformer_s18': 23_236_912, 'caformer_s36': 36_192_358,
+    'caformer_m36': 52_564_710, 'caformer_b36': 93_310_566,
+}
 TIMM_INSTALL_HINT = ('timm is not installed; install it without its '
                      'dependencies: python -m pip install --no-deps '
                      'timm==1.0.31')

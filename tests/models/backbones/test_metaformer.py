@@ -11,23 +11,12 @@ import torch
 
 from poolformer_seg import MetaFormer
 from poolformer_seg.models.backbones.metaformer import ARCH_SETTINGS
-from tests.helpers.timm_ref import randomize_metaformer_, timm_model
+from tests.helpers.timm_ref import (TIMM_FEATURE_PARAMS, randomize_metaformer_,
+                                    timm_model)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # a multiple of 32, and a size that is not
 SIZES = [(224, 224), (200, 250)]
-# timm 1.0.31 ``features_only`` parameter counts (stem + stages, no head):
-# shared/reference/metaformer-and-speed.md section 2, re-checked against
-# the live timm model below.
-TIMM_FEATURE_PARAMS = {
-    'poolformerv2_s12': 11_377_688, 'poolformerv2_s24': 20_827_440,
-    'poolformerv2_s36': 30_277_192, 'poolformerv2_m36': 55_306_632,
-    'poolformerv2_m48': 72_575_520,
-    'convformer_s18': 23_669_704, 'convformer_s36': 36_907_408,
-    'convformer_m36': 53_411_472, 'convformer_b36': 94_439_568,
-    'caformer_s18': 23_236_912, 'caformer_s36': 36_192_358,
-    'caformer_m36': 52_564_710, 'caformer_b36': 93_310_566,
-}
 TINY_HYBRID = dict(layers=[1, 1, 2, 1], embed_dims=[16, 32, 64, 96],
                    token_mixers=['pool', 'pool', 'attention', 'attention'])
 
@@ -212,6 +201,66 @@ def test_attention_equals_explicit_softmax_attention():
     ref = attn.proj((weights @ qkv[2]).transpose(1, 2).reshape(2, 37, 64))
     with torch.no_grad():
         torch.testing.assert_close(attn(x), ref.detach(), **TOL)
+
+
+# ----------------------------------------------------------------------------
+# A hybrid in a segmentor
+
+
+def test_hybrid_arch_trains_in_a_segmentor_and_every_stage_learns():
+    """Pooling in the high-resolution stages, attention in the last two,
+    under mmseg's FPN + FPNHead: a few AdamW steps on one batch lower the
+    loss, and every backbone parameter gets a non-zero gradient."""
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    from tests.helpers.upstream import build_segmentor
+    dims = TINY_HYBRID['embed_dims']
+    model = revert_sync_batchnorm(build_segmentor(dict(
+        type='EncoderDecoder',
+        data_preprocessor=dict(type='SegDataPreProcessor', mean=[128.] * 3,
+                               std=[64.] * 3, size=(64, 64)),
+        backbone=dict(type='MetaFormer', arch=TINY_HYBRID,
+                      drop_path_rate=.1),
+        neck=dict(type='FPN', in_channels=dims, out_channels=16,
+                  num_outs=4),
+        decode_head=dict(type='FPNHead', in_channels=[16] * 4,
+                         in_index=[0, 1, 2, 3], feature_strides=[4, 8, 16, 32],
+                         channels=8, num_classes=5,
+                         norm_cfg=dict(type='SyncBN'),
+                         loss_decode=dict(type='CrossEntropyLoss')),
+        train_cfg=dict(), test_cfg=dict(mode='whole')))).train()
+    optim = build_optim_wrapper(model, dict(
+        type='OptimWrapper', optimizer=dict(type='AdamW', lr=2e-3)))
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(2):
+        sample = SegDataSample()
+        # a label that depends on the image, so that there is something
+        # to learn
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, 64, 64),
+                                                         generator=gen))
+        sample.set_metainfo(dict(img_shape=(64, 64), ori_shape=(64, 64)))
+        samples.append(sample)
+    inputs = [(s.gt_sem_seg.data.expand(3, -1, -1) * 50).to(torch.uint8)
+              for s in samples]
+    torch.manual_seed(0)
+    losses = []
+    for step in range(6):
+        data = model.data_preprocessor(dict(inputs=inputs,
+                                            data_samples=samples), True)
+        loss, _ = model.parse_losses(model(**data, mode='loss'))
+        optim.zero_grad()
+        loss.backward()
+        if step == 0:
+            no_grad = [n for n, p in model.backbone.named_parameters()
+                       if p.grad is None or not p.grad.abs().sum() > 0]
+            assert not no_grad, no_grad
+        optim.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
 
 
 # ----------------------------------------------------------------------------
