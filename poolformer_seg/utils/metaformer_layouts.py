@@ -62,8 +62,8 @@ LAYOUTS: Dict[str, Tuple[str, str, List[Tuple[str, Optional[str]]]]] = {
 # convolutions in our other stages.
 _POINTWISE = re.compile(r'\.(mlp\.fc[12]|token_mixer\.pwconv[12])\.weight$')
 # Keys of PoolFormer v1 checkpoints, which belong to ``type='PoolFormer'``.
-_V1_MARKERS = (r'network\.\d+\.', r'patch_embed\.proj\.',
-               r'layer_scale_\d$', r'stages[._]\d+\.blocks\.\d+\.mlp\.fc1\.bias')
+_V1_MARKERS = (r'network\.\d+\.', r'patch_embed\.proj\.', r'layer_scale_\d$',
+               r'stages[._]\d+\.blocks\.\d+\.mlp\.fc1\.bias')
 
 
 def detect_metaformer_layout(state_dict: dict) -> str:

@@ -51,38 +51,29 @@ from ...utils.metaformer_layouts import (LAYOUTS,
 NUM_STAGES = 4
 TOKEN_MIXERS = ('identity', 'pool', 'sepconv', 'attention')
 BLOCK_NORMS = ('gn', 'ln')
-_S = dict(embed_dims=[64, 128, 320, 512])
-_M = dict(embed_dims=[96, 192, 384, 576])
-_M_V2 = dict(embed_dims=[96, 192, 384, 768])
-_B = dict(embed_dims=[128, 256, 512, 768])
-_V2 = dict(norms=['gn'] * 4)                      # PoolFormerV2/IdentityFormer
-_CONV = dict(token_mixers=['sepconv'] * 4)
-_CA = dict(token_mixers=['sepconv', 'sepconv', 'attention', 'attention'])
-
-# Published variants (timm 1.0 and sail-sg/metaformer). Keys not given here
-# take ARCH_DEFAULTS.
+_S, _M = [64, 128, 320, 512], [96, 192, 384, 768]
+# sizes: name -> (layers, embed_dims)
+_V2_SIZES = {'s12': ([2, 2, 6, 2], _S), 's24': ([4, 4, 12, 4], _S),
+             's36': ([6, 6, 18, 6], _S), 'm36': ([6, 6, 18, 6], _M),
+             'm48': ([8, 8, 24, 8], _M)}
+_CA_SIZES = {'s18': ([3, 3, 9, 3], _S), 's36': ([3, 12, 18, 3], _S),
+             'm36': ([3, 12, 18, 3], [96, 192, 384, 576]),
+             'b36': ([3, 12, 18, 3], [128, 256, 512, 768])}
+# family -> (sizes, token mixers, block norms)
+_FAMILIES = {
+    'poolformerv2': (_V2_SIZES, ['pool'] * 4, ['gn'] * 4),
+    'identityformer': (_V2_SIZES, ['identity'] * 4, ['gn'] * 4),
+    'convformer': (_CA_SIZES, ['sepconv'] * 4, ['ln'] * 4),
+    'caformer': (_CA_SIZES, ['sepconv', 'sepconv', 'attention', 'attention'],
+                 ['ln'] * 4),
+}
+# Published variants (timm 1.0 and sail-sg/metaformer), e.g.
+# 'caformer_s18'. Keys not given here take ARCH_DEFAULTS.
 ARCH_SETTINGS: Dict[str, dict] = {
-    **{f'poolformerv2_{name}': dict(layers=layers, token_mixers=['pool'] * 4,
-                                    **dims, **_V2)
-       for name, layers, dims in [('s12', [2, 2, 6, 2], _S),
-                                  ('s24', [4, 4, 12, 4], _S),
-                                  ('s36', [6, 6, 18, 6], _S),
-                                  ('m36', [6, 6, 18, 6], _M_V2),
-                                  ('m48', [8, 8, 24, 8], _M_V2)]},
-    **{f'identityformer_{name}': dict(layers=layers,
-                                      token_mixers=['identity'] * 4,
-                                      **dims, **_V2)
-       for name, layers, dims in [('s12', [2, 2, 6, 2], _S),
-                                  ('s24', [4, 4, 12, 4], _S),
-                                  ('s36', [6, 6, 18, 6], _S),
-                                  ('m36', [6, 6, 18, 6], _M_V2),
-                                  ('m48', [8, 8, 24, 8], _M_V2)]},
-    **{f'{family}_{name}': dict(layers=layers, **dims, **mixers)
-       for family, mixers in [('convformer', _CONV), ('caformer', _CA)]
-       for name, layers, dims in [('s18', [3, 3, 9, 3], _S),
-                                  ('s36', [3, 12, 18, 3], _S),
-                                  ('m36', [3, 12, 18, 3], _M),
-                                  ('b36', [3, 12, 18, 3], _B)]},
+    f'{family}_{size}': dict(layers=layers, embed_dims=dims,
+                             token_mixers=mixers, norms=norms)
+    for family, (sizes, mixers, norms) in _FAMILIES.items()
+    for size, (layers, dims) in sizes.items()
 }
 # The MetaFormer-baselines defaults, shared by every published variant.
 ARCH_DEFAULTS = dict(
@@ -114,9 +105,11 @@ def _per_stage(key: str, value, choices=None) -> list:
             if entry is not None and not isinstance(entry, (int, float)):
                 raise ValueError(f'arch[{key!r}] entries must be numbers or '
                                  f'None (no scale), got {entry!r}')
-        elif not (isinstance(entry, (int, float)) and entry > 0):
+        elif not (isinstance(entry, int if key in ARCH_REQUIRED else
+                             (int, float)) and entry > 0):
+            kind = 'integers' if key in ARCH_REQUIRED else 'numbers'
             raise ValueError(f'arch[{key!r}] entries must be positive '
-                             f'numbers, got {value!r}')
+                             f'{kind}, got {value!r}')
     return list(value)
 
 
@@ -154,7 +147,8 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------
-# Layers. ``tokens=True``: input B x N x C (attention stages); else B x C x H x W
+# Layers. ``tokens=True``: the input is B x N x C (attention stages);
+# otherwise B x C x H x W.
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -220,7 +214,8 @@ class StarReLU(nn.Module):
 
 
 def _pointwise(in_channels: int, out_channels: int, tokens: bool):
-    """Bias-free per-position linear map: Linear on tokens, 1x1 conv on maps."""
+    """Bias-free per-position linear map: Linear on tokens, 1x1 conv on
+    maps."""
     if tokens:
         return nn.Linear(in_channels, out_channels, bias=False)
     return nn.Conv2d(in_channels, out_channels, 1, bias=False)
