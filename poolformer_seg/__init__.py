@@ -1,4 +1,4 @@
-"""poolformer_seg: the PoolFormer backbone for MMSegmentation 1.x.
+"""poolformer_seg: PoolFormer and MetaFormer backbones for MMSegmentation 1.x.
 
 Importing the package applies the stack workarounds in
 :mod:`poolformer_seg.compat` (they must precede the first ``mmseg.models``
@@ -10,7 +10,7 @@ from . import compat
 compat.apply()
 
 from . import datasets, engine, models  # noqa: E402,F401  (registers modules)
-from .models import PoolFormer  # noqa: E402
+from .models import MetaFormer, PoolFormer  # noqa: E402
 
 __version__ = '0.1.0'
-__all__ = ['PoolFormer', '__version__']
+__all__ = ['MetaFormer', 'PoolFormer', '__version__']

@@ -7,7 +7,7 @@
 Differences from ``mmseg.apis`` (same names, same config conventions):
 
 * checkpoints load **strictly** through
-  :func:`poolformer_seg.utils.checkpoint.load_segmentor_checkpoint` (a missing
+  :func:`poolformer_seg.utils.loading.load_segmentor_checkpoint` (a missing
   or mis-shaped weight is an error; upstream PoolFormer checkpoints are
   converted), not mmengine's lenient ``load_checkpoint``;
 * the test transforms are taken from ``test_dataloader.dataset.pipeline``

@@ -1,6 +1,7 @@
-from .backbones import PoolFormer
+from .backbones import MetaFormer, PoolFormer
 from .decode_heads import FastFPNHead
 from .losses import resized_cross_entropy
 from .necks import FastFPN
 
-__all__ = ['PoolFormer', 'FastFPN', 'FastFPNHead', 'resized_cross_entropy']
+__all__ = ['MetaFormer', 'PoolFormer', 'FastFPN', 'FastFPNHead',
+           'resized_cross_entropy']

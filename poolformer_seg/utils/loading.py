@@ -26,13 +26,15 @@ from typing import Dict, List, Optional
 import torch
 from mmengine.logging import MMLogger, print_log
 
+from . import metaformer_layouts
 from .layouts import (LAYOUTS, conversion_message, convert_backbone,
                       format_keys, strip_prefix, unwrap_state_dict)
 from .safe_load import CheckpointError, load
 
 __all__ = [
     'CheckpointError', 'CheckpointMismatchError', 'KeyReport',
-    'read_checkpoint', 'load_pretrained', 'load_segmentor_checkpoint'
+    'read_checkpoint', 'load_pretrained', 'load_pretrained_metaformer',
+    'load_segmentor_checkpoint'
 ]
 
 
@@ -180,6 +182,88 @@ def _pretrained_log(checkpoint: str, conversion, report: KeyReport):
         lines.append(f'PoolFormer: output norms {", ".join(empty)} of this '
                      'model are not in the checkpoint and stay at their '
                      'initialisation (weight 1, bias 0)')
+    return lines
+
+
+def _select_backbone(state_dict: dict, checkpoint: str,
+                     prefix: Optional[str]):
+    """``(state_dict, notes)``: the keys under ``prefix`` (default
+    ``'backbone.'`` when the file is a whole segmentor), prefix taken off."""
+    notes = []
+    if prefix is None and any(k.startswith('backbone.') for k in state_dict):
+        prefix = 'backbone.'
+        outside = sorted({k.split('.', 1)[0] for k in state_dict
+                          if not k.startswith(prefix)})
+        if outside:
+            notes.append(f"ignored keys outside 'backbone.': "
+                         f'{", ".join(outside)}')
+    if prefix:
+        selected = strip_prefix(state_dict, prefix)
+        if not selected:
+            raise CheckpointError(
+                f'{checkpoint}: no key starts with prefix={prefix!r}; first '
+                f'keys: {format_keys(state_dict, 5)}')
+        state_dict = selected
+    return state_dict, notes
+
+
+def load_pretrained_metaformer(model: torch.nn.Module, checkpoint: str,
+                               prefix: Optional[str] = None) -> List[str]:
+    """Load timm or sail-sg weights (any file format) into a ``MetaFormer``.
+
+    Strict except for the output norms ``norm{i}`` (classifiers have at
+    most the final one, see :mod:`poolformer_seg.utils.metaformer_layouts`):
+    a missing or unexpected stem/stage key, or a shape that does not fit,
+    raises :class:`CheckpointMismatchError` naming the keys and the arch.
+
+    Args:
+        checkpoint (str): local file (``.pth``, ``.bin``,
+            ``.safetensors``), HF model directory or URL.
+        prefix (str, optional): keep only keys under it and strip it. A
+            checkpoint with ``backbone.`` keys (a whole segmentor) uses
+            ``'backbone.'`` without being told.
+
+    Returns:
+        list[str]: the log lines (also printed to the current logger).
+    """
+    state_dict, notes = _select_backbone(
+        unwrap_state_dict(read_checkpoint(checkpoint)), checkpoint, prefix)
+    try:
+        converted, layout, layout_notes = \
+            metaformer_layouts.convert_metaformer_state_dict(state_dict)
+    except CheckpointError as err:
+        raise CheckpointError(f'{checkpoint}: {err}') from None
+    expected = model.state_dict()
+    converted = metaformer_layouts.match_pointwise_shapes(converted, expected)
+    report = KeyReport.compare(converted, expected)
+    fatal = KeyReport(
+        [k for k in report.missing if not _OUTPUT_NORM.match(k)],
+        [k for k in report.unexpected if not _OUTPUT_NORM.match(k)],
+        report.mismatched)
+    description = metaformer_layouts.LAYOUTS[layout][0]
+    if fatal.missing or fatal.unexpected or fatal.mismatched:
+        raise CheckpointMismatchError('\n'.join(
+            [f'{checkpoint} ({description} layout) does not fit '
+             f'{model.describe()}; was it saved from another variant?'] +
+            fatal.lines(counts=False)))
+    model.load_state_dict(
+        {k: v for k, v in converted.items() if k in expected}, strict=False)
+
+    lines = [f'MetaFormer: loaded {len(converted) - len(report.unexpected)} '
+             f'tensors from {checkpoint} ({description} layout) into '
+             f'{model.describe()}']
+    lines += [f'MetaFormer: {note}' for note in notes + layout_notes]
+    if report.unexpected:
+        lines.append('MetaFormer: output norms in the checkpoint for stages '
+                     'not in out_indices (ignored): '
+                     f'{format_keys(report.unexpected)}')
+    empty = sorted({k.split('.')[0] for k in report.missing})
+    if empty:
+        lines.append(f'MetaFormer: output norms {", ".join(empty)} are not '
+                     'in the checkpoint and keep their initialisation '
+                     '(weight 1, bias 0)')
+    for line in lines:
+        print_log(line, logger='current')
     return lines
 
 

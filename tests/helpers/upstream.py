@@ -13,7 +13,7 @@
 * :func:`randomize_` -- non-trivial random values in every parameter and
   buffer (norms, layer scales and BN statistics included).
 * Key writers from the mapping table in ``shared/reference/upstream.md`` §7,
-  written independently of :mod:`poolformer_seg.utils.checkpoint`:
+  written independently of :mod:`poolformer_seg.utils.layouts`:
   :func:`official_from_ours`, :func:`official_cls_from_feat`,
   :func:`timm_from_official`, :func:`timm_features_only`.
 """

@@ -1,3 +1,4 @@
+from .metaformer import MetaFormer
 from .poolformer import PoolFormer
 
-__all__ = ['PoolFormer']
+__all__ = ['MetaFormer', 'PoolFormer']

@@ -1,0 +1,349 @@
+"""The MetaFormer backbone: sizes, fidelity to timm 1.0, options, bad archs.
+
+Reference: timm 1.0's ``timm/models/metaformer.py`` (the real library,
+imported by :mod:`tests.helpers.timm_ref` behind a torchvision stand-in),
+with random non-trivial weights in every parameter.
+"""
+import re
+
+import pytest
+import torch
+
+from poolformer_seg import MetaFormer
+from poolformer_seg.models.backbones.metaformer import ARCH_SETTINGS
+from tests.helpers.timm_ref import (TIMM_FEATURE_PARAMS, randomize_metaformer_,
+                                    timm_model)
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+# a multiple of 32, and a size that is not
+SIZES = [(224, 224), (200, 250)]
+TINY_HYBRID = dict(layers=[1, 1, 2, 1], embed_dims=[16, 32, 64, 96],
+                   token_mixers=['pool', 'pool', 'attention', 'attention'])
+
+
+def split_counts(model):
+    """(stem + stages, output norms) parameter counts."""
+    norms = sum(p.numel() for n, p in model.named_parameters()
+                if re.match(r'norm\d\.', n))
+    return sum(p.numel() for p in model.parameters()) - norms, norms
+
+
+def assert_all_close(ours, refs):
+    assert len(ours) == len(refs)
+    for i, (a, b) in enumerate(zip(ours, refs)):
+        assert a.shape == b.shape, f'stage {i}: {a.shape} vs {b.shape}'
+        torch.testing.assert_close(a, b, **TOL,
+                                   msg=lambda m: f'stage {i}: ' + m)
+
+
+# ----------------------------------------------------------------------------
+# Sizes
+
+
+@pytest.mark.parametrize('arch', sorted(TIMM_FEATURE_PARAMS))
+def test_parameter_counts_equal_timm_features_only(arch):
+    with torch.device('meta'):
+        ours = MetaFormer(arch)
+        timm = timm_model(arch, features_only=True)
+    features, norms = split_counts(ours)
+    assert features == TIMM_FEATURE_PARAMS[arch]
+    assert sum(p.numel() for p in timm.parameters()) == features
+    # one LayerNorm (weight and bias) per returned stage
+    assert norms == 2 * sum(ARCH_SETTINGS[arch]['embed_dims'])
+
+
+@pytest.mark.parametrize('size', ['s12', 's24', 's36', 'm36', 'm48'])
+def test_identityformer_is_poolformerv2_without_mixing(size):
+    """Pooling has no parameters: IdentityFormer has PoolFormerV2's."""
+    with torch.device('meta'):
+        identity = MetaFormer(f'identityformer_{size}')
+    assert split_counts(identity)[0] == \
+        TIMM_FEATURE_PARAMS[f'poolformerv2_{size}']
+    assert not any('token_mixer' in n for n, _ in identity.named_parameters())
+
+
+@pytest.mark.parametrize('size, expected', [
+    ((224, 224), [(56, 56), (28, 28), (14, 14), (7, 7)]),
+    ((375, 500), [(94, 125), (47, 63), (24, 32), (12, 16)]),
+    ((3, 3), [(1, 1)] * 4)])
+def test_output_shapes(size, expected):
+    model = MetaFormer(arch=TINY_HYBRID).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    assert [tuple(o.shape[-2:]) for o in outs] == expected
+    assert [o.shape[1] for o in outs] == TINY_HYBRID['embed_dims']
+
+
+def test_out_indices_select_stages_and_norms():
+    model = MetaFormer(arch=TINY_HYBRID, out_indices=(-1, 1)).eval()
+    assert model.out_indices == (1, 3)
+    assert model.out_channels == [32, 96]
+    assert sorted(n for n, _ in model.named_children()
+                  if re.fullmatch(r'norm\d', n)) == ['norm1', 'norm3']
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, 64, 64))
+    assert [tuple(o.shape) for o in outs] == [(2, 32, 8, 8), (2, 96, 2, 2)]
+
+
+def test_output_norms_are_layernorms_over_channels():
+    model = randomize_metaformer_(MetaFormer(arch=TINY_HYBRID), 4).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        raw = model.stage_features(x)
+        outs = model(x)
+    for i, (r, o) in enumerate(zip(raw, outs)):
+        norm = getattr(model, f'norm{i}')
+        ref = torch.nn.functional.layer_norm(
+            r.permute(0, 2, 3, 1), (r.shape[1], ), norm.weight, norm.bias,
+            1e-6).permute(0, 3, 1, 2)
+        torch.testing.assert_close(o, ref, **TOL)
+
+
+# ----------------------------------------------------------------------------
+# Fidelity to timm 1.0 (timm layout; the sail-sg layout is tested through
+# the loader in tests/utils/test_metaformer_layouts.py)
+
+
+@pytest.mark.parametrize('arch', [
+    'poolformerv2_s12', 'convformer_s18', 'caformer_s18'])
+def test_timm_weights_give_timm_stage_features(arch):
+    timm = randomize_metaformer_(timm_model(arch, features_only=True),
+                                 seed=1).eval()
+    ours = MetaFormer(arch).eval()
+    state = {k.replace('stages_', 'stages.', 1): v
+             for k, v in timm.state_dict().items()}
+    result = ours.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys
+    assert sorted(result.missing_keys) == sorted(
+        f'norm{i}.{p}' for i in range(4) for p in ('weight', 'bias'))
+    for size in SIZES:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert_all_close(ours.stage_features(x), timm(x))
+
+
+@pytest.mark.parametrize('mixer, timm_mixer, norm, timm_norm', [
+    ('identity', 'Identity', 'gn', 'GroupNorm1NoBias'),
+    ('attention', 'Attention', 'ln', 'LayerNorm2dNoBias'),
+    ('pool', 'Pooling', 'ln', 'LayerNorm2dNoBias')])
+def test_custom_archs_match_timm_metaformer_class(mixer, timm_mixer, norm,
+                                                  timm_norm):
+    """Mixer/norm pairs of no published model, and layer scales, against
+    timm's ``MetaFormer`` class built with the same settings."""
+    from tests.helpers.timm_ref import timm_metaformer
+    module = timm_metaformer()
+    mixers = {'Identity': torch.nn.Identity}
+    timm_norms = getattr(module, timm_norm)
+    token_norm = module.LayerNormNoBias if norm == 'ln' else timm_norms
+    layers, dims = [1, 2, 1, 1], [32, 64, 96, 128]
+    timm = module.MetaFormer(
+        depths=layers, dims=dims,
+        token_mixers=mixers.get(timm_mixer) or getattr(module, timm_mixer),
+        norm_layers=token_norm if mixer == 'attention' else timm_norms,
+        layer_scale_init_values=1e-5, res_scale_init_values=[None, 1.] * 2,
+        num_classes=0)
+    randomize_metaformer_(timm, seed=2).eval()
+    ours = MetaFormer(dict(
+        layers=layers, embed_dims=dims, token_mixers=[mixer] * 4,
+        norms=[norm] * 4, layer_scale_init_values=1e-5,
+        res_scale_init_values=[None, 1., None, 1.])).eval()
+    state = {k: v for k, v in timm.state_dict().items()
+             if not k.startswith('head.')}
+    result = ours.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys
+    assert all(k.startswith('norm') for k in result.missing_keys)
+    for size in SIZES:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            _, refs = timm.forward_intermediates(x)
+            assert_all_close(ours.stage_features(x), refs)
+
+
+def test_groupnorm_on_tokens_equals_groupnorm_on_the_map():
+    """'gn' in an attention stage (no published model has it; timm's
+    GroupNorm1 would treat the tokens as channels there)."""
+    from poolformer_seg.models.backbones.metaformer import BlockNorm
+    on_tokens = BlockNorm(24, 'gn', tokens=True)
+    on_map = BlockNorm(24, 'gn', tokens=False)
+    with torch.no_grad():
+        on_tokens.weight.uniform_(.5, 1.5)
+        on_map.weight.copy_(on_tokens.weight)
+    x = torch.randn(2, 24, 5, 7)
+    tokens = on_tokens(x.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(tokens.transpose(1, 2).reshape(x.shape),
+                               on_map(x), **TOL)
+    torch.testing.assert_close(
+        on_map(x), torch.nn.functional.group_norm(x, 1, on_map.weight,
+                                                  eps=1e-6), **TOL)
+
+
+# ----------------------------------------------------------------------------
+# Attention at any size
+
+
+def test_attention_stage_runs_at_ade20k_whole_image_aspect():
+    """512 x 2048 (ADE20K's whole-image test) at a quarter of the scale:
+    the attention stages see 8 x 32 and 4 x 16 tokens, not a fixed count."""
+    model = MetaFormer(arch=TINY_HYBRID).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 128, 512))
+    assert [tuple(o.shape[-2:]) for o in outs] == [
+        (32, 128), (16, 64), (8, 32), (4, 16)]
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_attention_equals_explicit_softmax_attention():
+    from poolformer_seg.models.backbones.metaformer import Attention
+    attn = randomize_metaformer_(Attention(64), seed=5)
+    x = torch.randn(2, 37, 64)
+    qkv = attn.qkv(x).view(2, 37, 3, 2, 32).permute(2, 0, 3, 1, 4)
+    weights = (qkv[0] @ qkv[1].transpose(-1, -2) / 32 ** .5).softmax(-1)
+    ref = attn.proj((weights @ qkv[2]).transpose(1, 2).reshape(2, 37, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), ref.detach(), **TOL)
+
+
+# ----------------------------------------------------------------------------
+# A hybrid in a segmentor
+
+
+def test_hybrid_arch_trains_in_a_segmentor_and_every_stage_learns():
+    """Pooling in the high-resolution stages, attention in the last two,
+    under mmseg's FPN + FPNHead: a few AdamW steps on one batch lower the
+    loss, and every backbone parameter gets a non-zero gradient."""
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    from tests.helpers.upstream import build_segmentor
+    dims = TINY_HYBRID['embed_dims']
+    model = revert_sync_batchnorm(build_segmentor(dict(
+        type='EncoderDecoder',
+        data_preprocessor=dict(type='SegDataPreProcessor', mean=[128.] * 3,
+                               std=[64.] * 3, size=(64, 64)),
+        backbone=dict(type='MetaFormer', arch=TINY_HYBRID),
+        neck=dict(type='FPN', in_channels=dims, out_channels=16,
+                  num_outs=4),
+        decode_head=dict(type='FPNHead', in_channels=[16] * 4,
+                         in_index=[0, 1, 2, 3], feature_strides=[4, 8, 16, 32],
+                         channels=8, num_classes=5,
+                         norm_cfg=dict(type='SyncBN'),
+                         loss_decode=dict(type='CrossEntropyLoss')),
+        train_cfg=dict(), test_cfg=dict(mode='whole')))).train()
+    optim = build_optim_wrapper(model, dict(
+        type='OptimWrapper', optimizer=dict(type='AdamW', lr=2e-3)))
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(2):
+        sample = SegDataSample()
+        # a label that depends on the image, so that there is something
+        # to learn
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, 64, 64),
+                                                         generator=gen))
+        sample.set_metainfo(dict(img_shape=(64, 64), ori_shape=(64, 64)))
+        samples.append(sample)
+    inputs = [(s.gt_sem_seg.data.expand(3, -1, -1) * 50).to(torch.uint8)
+              for s in samples]
+    torch.manual_seed(0)
+    losses = []
+    for step in range(6):
+        data = model.data_preprocessor(dict(inputs=inputs,
+                                            data_samples=samples), True)
+        loss, _ = model.parse_losses(model(**data, mode='loss'))
+        optim.zero_grad()
+        loss.backward()
+        if step == 0:
+            no_grad = [n for n, p in model.backbone.named_parameters()
+                       if p.grad is None or not p.grad.abs().sum() > 0]
+            assert not no_grad, no_grad
+        optim.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------
+# Options
+
+
+def test_frozen_stages_freeze_stem_stages_and_their_norms():
+    model = MetaFormer(arch=TINY_HYBRID, frozen_stages=2)
+    model.train()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters()
+                      if n.startswith(('stem.', 'stages.0.', 'stages.1.',
+                                       'norm0.', 'norm1.'))}
+    assert not model.stages[1].training and model.stages[2].training
+    assert MetaFormer(arch=TINY_HYBRID, frozen_stages=-1).stem.conv.weight \
+        .requires_grad
+
+
+def test_drop_path_rises_linearly_to_the_last_block():
+    model = MetaFormer(arch=TINY_HYBRID, drop_path_rate=.3)
+    rates = [float(getattr(block.drop_path, 'drop_prob', 0.))
+             for stage in model.stages for block in stage.blocks]
+    assert rates == pytest.approx([0, .075, .15, .225, .3])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = randomize_metaformer_(MetaFormer(arch=TINY_HYBRID), 6).train()
+    ckpt = randomize_metaformer_(MetaFormer(arch=TINY_HYBRID, with_cp=True),
+                                 6).train()
+    x = torch.randn(2, 3, 64, 64)
+    for model in (plain, ckpt):
+        sum(o.square().mean() for o in model(x)).backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(),
+                                 ckpt.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+# ----------------------------------------------------------------------------
+# Bad archs and inputs
+
+
+@pytest.mark.parametrize('arch, match', [
+    ('caformer_s19', r"arch='caformer_s19' is not a MetaFormer variant "
+                     r"\(did you mean 'caformer_s18'\?\)"),
+    (dict(TINY_HYBRID, token_mixers=['pool', 'pool', 'atention', 'pool']),
+     r"arch\['token_mixers'\] has unknown entry 'atention' \(did you mean "
+     r"'attention'\?\)"),
+    (dict(TINY_HYBRID, token_mixers=['pool'] * 3),
+     r"arch\['token_mixers'\] must list 4 entries"),
+    (dict(TINY_HYBRID, norms=['ln', 'ln', 'bn', 'ln']),
+     r"arch\['norms'\] has unknown entry 'bn'"),
+    (dict(TINY_HYBRID, layers=[1, 0, 1, 1]),
+     r"arch\['layers'\] entries must be positive integers"),
+    (dict(TINY_HYBRID, embed_dims=[16, 32.5, 64, 96]),
+     r"arch\['embed_dims'\] entries must be positive integers"),
+    (dict(TINY_HYBRID, res_scale_init_values=['one'] * 4),
+     r"arch\['res_scale_init_values'\] entries must be numbers or None"),
+    (dict(TINY_HYBRID, mixers=['pool'] * 4),
+     r"unknown keys \['mixers'\] \(did you mean 'token_mixers' for "
+     r"'mixers'\?\)"),
+    (dict(layers=[1] * 4, embed_dims=[8] * 4),
+     r"missing \['token_mixers'\]"),
+    (['pool'] * 4, r'arch must be a str or dict')])
+def test_bad_archs_raise_naming_the_key(arch, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        MetaFormer(arch=arch)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(out_indices=(0, 4)), r'out_indices entry 4 is out of range'),
+    (dict(out_indices=(1, -3)), r'names a stage twice'),
+    (dict(frozen_stages=5), r'frozen_stages must be an int in \[-1, 4\]'),
+    (dict(drop_path_rate=1.), r'drop_path_rate must be in \[0, 1\)')])
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MetaFormer(arch=TINY_HYBRID, **kwargs)
+
+
+@pytest.mark.parametrize('bad, match', [
+    (torch.randn(3, 64, 64), r'B x C x H x W'),
+    (torch.randn(1, 1, 64, 64), r'in_channels=3 .* 1 channels'),
+    (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), r'float tensor'),
+    (torch.randn(1, 3, 2, 64), r'smaller than the minimum 3 px')])
+def test_unsupported_inputs_raise_naming_the_problem(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        MetaFormer(arch=TINY_HYBRID)(bad)
