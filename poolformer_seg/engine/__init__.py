@@ -3,7 +3,7 @@
 See ``docs/reliability.md``. Importing this package registers the
 ``'local_atomic'`` file backend and the hooks in mmseg's ``HOOKS``.
 """
-from .atomic import (AtomicLocalBackend, atomic_write,
+from .atomic import (AtomicLocalBackend, DiskFullError, atomic_write,
                      find_resumable_checkpoint, is_complete_checkpoint)
 from .hooks import (FiniteLossHook, NonFiniteError, RNGStateHook,
                     SafeCheckpointHook, capture_rng_state, restore_rng_state)
@@ -11,7 +11,7 @@ from .launch import (adapt_to_cpu_distributed, init_cpu_process_group,
                      load_tool_config)
 from .optim_wrapper import AmpOnCudaOptimWrapper
 
-__all__ = ['AtomicLocalBackend', 'atomic_write', 'find_resumable_checkpoint',
+__all__ = ['AtomicLocalBackend', 'DiskFullError', 'atomic_write', 'find_resumable_checkpoint',
            'is_complete_checkpoint', 'FiniteLossHook', 'NonFiniteError',
            'RNGStateHook', 'SafeCheckpointHook', 'capture_rng_state',
            'restore_rng_state', 'adapt_to_cpu_distributed',
