@@ -24,6 +24,12 @@ can be deleted when the dependency is fixed.
    http checkpoint loaders through :func:`poolformer_seg.utils.safe_load.load`,
    which keeps ``weights_only=True`` with a minimal allowlist.
 
+3. The import warning of ``mmcv.cnn`` on mmcv-lite (mmcv-lite 2.1.0).
+   Every import of ``mmcv.cnn`` warns that ``MultiScaleDeformableAttention``
+   cannot be imported; nothing here uses it, and the stand-in of 1. raises
+   if a model does. :func:`apply` filters this one message, so that a tool's
+   error is not preceded by two lines of unrelated advice.
+
 Call :func:`apply` before the first import of ``mmseg.models``; importing
 ``poolformer_seg`` does it, and so do the scripts in ``tools/``.
 """
@@ -31,6 +37,7 @@ import importlib.util
 import os
 import sys
 import types
+import warnings
 
 __all__ = ['apply', 'full_mmcv_available', 'MissingMmcvOpError',
            'UnavailableOp']
@@ -113,7 +120,11 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    if not full_mmcv_available() and 'mmcv.ops' not in sys.modules:
-        _stub_mmcv_ops()
+    if not full_mmcv_available():
+        warnings.filterwarnings(
+            'ignore', message='Fail to import ``MultiScaleDeformableAttention``'
+            ' from ``mmcv.ops.multi_scale_deform_attn``')
+        if 'mmcv.ops' not in sys.modules:
+            _stub_mmcv_ops()
     _route_mmengine_loading()
     _applied = True

@@ -52,6 +52,7 @@ import time
 
 import poolformer_seg  # noqa: F401  (must precede mmseg imports)
 import torch
+from poolformer_seg.engine import add_debug_argument, run_tool
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16,
           'fp16': torch.float16}
@@ -114,6 +115,7 @@ def parse_args(argv=None):
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override config settings, key=value')
     p.add_argument('--probe', help=argparse.SUPPRESS)  # memory worker
+    add_debug_argument(p)
     args = p.parse_args(argv)
     for name in ('repeats', 'threads'):
         if getattr(args, name) < 1:
@@ -721,4 +723,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

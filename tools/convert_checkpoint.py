@@ -32,6 +32,7 @@ from poolformer_seg.utils.checkpoint import (LAYOUTS, CheckpointError,
                                              convert_prefixed_keys,
                                              read_checkpoint,
                                              unwrap_state_dict)
+from poolformer_seg.engine import add_debug_argument, run_tool
 
 SEGMENTOR = 'mmseg-segmentor'
 DESCRIPTIONS = {**LAYOUTS, SEGMENTOR: 'mmseg 1.x / sail-sg mmseg 0.x '
@@ -49,6 +50,7 @@ def parse_args(argv=None):
         choices=['auto', SEGMENTOR] + list(LAYOUTS),
         help=f'layout of SRC; auto detects it. {SEGMENTOR}: a whole mmseg '
         'segmentor (1.x or sail-sg 0.x) whose backbone.* keys are converted')
+    add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -166,4 +168,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from poolformer_seg.apis import (colorize_mask, init_model, overlay_mask,
                                  predict_mask, render_legend, side_by_side,
                                  write_rgb)
+from poolformer_seg.engine import add_debug_argument, run_tool
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff',
                     '.webp')
@@ -58,6 +59,7 @@ def parse_args(argv=None):
                         'with a warning (default: error)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value')
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     if not 0. <= args.opacity <= 1.:
         parser.error(f'--opacity must be in [0, 1], got {args.opacity}')
@@ -134,4 +136,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

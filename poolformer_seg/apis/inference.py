@@ -31,6 +31,7 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 from mmseg.registry import DATASETS, MODELS
 
+from poolformer_seg.engine.config_check import check_config, read_config
 from poolformer_seg.utils.checkpoint import load_segmentor_checkpoint
 
 __all__ = ['build_segmentor', 'init_model', 'inference_model', 'predict_mask',
@@ -40,11 +41,12 @@ ImageInput = Union[str, Path, np.ndarray]
 
 
 def load_config(config, cfg_options: Optional[dict] = None) -> Config:
-    """A :class:`Config` from a path or a Config (copied, never modified)."""
+    """A :class:`Config` from a path or a Config (copied, never modified),
+    checked by :func:`~poolformer_seg.engine.config_check.check_config`."""
+    source = None
     if isinstance(config, (str, Path)):
-        if not osp.isfile(config):
-            raise FileNotFoundError(f'config file not found: {config}')
-        config = Config.fromfile(str(config))
+        source = str(config)
+        config = read_config(source)
     elif isinstance(config, Config):
         config = copy.deepcopy(config)
     else:
@@ -52,6 +54,7 @@ def load_config(config, cfg_options: Optional[dict] = None) -> Config:
                         f'{type(config)}')
     if cfg_options:
         config.merge_from_dict(cfg_options)
+    check_config(config, source)
     return config
 
 

@@ -7,8 +7,9 @@ from .atomic import (AtomicLocalBackend, DiskFullError, atomic_write,
                      find_resumable_checkpoint, is_complete_checkpoint)
 from .hooks import (FiniteLossHook, NonFiniteError, RNGStateHook,
                     SafeCheckpointHook, capture_rng_state, restore_rng_state)
-from .launch import (adapt_to_cpu_distributed, init_cpu_process_group,
-                     load_tool_config)
+from .config_check import ConfigError, check_config, read_config
+from .launch import (add_debug_argument, adapt_to_cpu_distributed,
+                     init_cpu_process_group, load_tool_config, run_tool)
 from .optim_wrapper import AmpOnCudaOptimWrapper
 
 __all__ = ['AtomicLocalBackend', 'DiskFullError', 'atomic_write', 'find_resumable_checkpoint',
@@ -16,4 +17,5 @@ __all__ = ['AtomicLocalBackend', 'DiskFullError', 'atomic_write', 'find_resumabl
            'RNGStateHook', 'SafeCheckpointHook', 'capture_rng_state',
            'restore_rng_state', 'adapt_to_cpu_distributed',
            'init_cpu_process_group', 'load_tool_config',
-           'AmpOnCudaOptimWrapper']
+           'AmpOnCudaOptimWrapper', 'ConfigError', 'check_config',
+           'read_config', 'add_debug_argument', 'run_tool']

@@ -41,6 +41,7 @@ from mmseg.registry import DATASETS  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from poolformer_seg.apis import load_config  # noqa: E402
+from poolformer_seg.engine import add_debug_argument, run_tool  # noqa: E402
 
 
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int,
@@ -186,6 +187,7 @@ def parse_args(argv=None):
                         'frequent in the ground truth first (default: 40)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value')
+    add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -215,4 +217,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

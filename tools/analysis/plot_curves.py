@@ -26,6 +26,7 @@ import matplotlib
 matplotlib.use('Agg')  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from poolformer_seg.engine import add_debug_argument, run_tool  # noqa: E402
 
 Curve = Tuple[List[int], List[float]]
 
@@ -128,6 +129,7 @@ def parse_args(argv=None):
     parser.add_argument('--out', default='curves.png',
                         help='output image (default: curves.png)')
     parser.add_argument('--title', help='figure title')
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         parser.error(f'--labels needs one name per run ({len(args.runs)}), '
@@ -155,4 +157,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)
