@@ -19,7 +19,6 @@ Differences from ``mmseg.apis`` (same names, same config conventions):
   ``num_classes`` (mmseg guesses a dataset from the class count).
 """
 import copy
-import os.path as osp
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -31,6 +30,7 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 from mmseg.registry import DATASETS, MODELS
 
+from poolformer_seg.datasets.validation import check_input_file
 from poolformer_seg.engine.config_check import check_config, read_config
 from poolformer_seg.utils.checkpoint import load_segmentor_checkpoint
 
@@ -163,8 +163,7 @@ def _load_step(img: ImageInput) -> dict:
                              f'{img.shape}')
         return dict(img=img)
     if isinstance(img, (str, Path)):
-        if not osp.isfile(img):
-            raise FileNotFoundError(f'image file not found: {img}')
+        check_input_file(str(img), 'image file')
         return dict(img_path=str(img))
     raise TypeError(f'img must be a path or an H x W x 3 uint8 array, got '
                     f'{type(img)}')

@@ -3,6 +3,7 @@
 Reference: mmseg's own ``mmseg.apis.inference_model`` on the same model.
 """
 import copy
+import os
 
 import cv2
 import numpy as np
@@ -13,9 +14,11 @@ import poolformer_seg  # noqa: F401
 from mmseg.datasets import ADE20KDataset
 from poolformer_seg.apis import (inference_model, init_model, predict_mask,
                                  inference_transforms)
+from poolformer_seg.datasets import DataError
 from poolformer_seg.utils.checkpoint import CheckpointMismatchError
 
 from tests.apis.tiny import TINY_MODEL, save_random_checkpoint
+from tests.helpers.hang_guard import hang_guard
 
 
 @pytest.fixture(scope='module')
@@ -132,3 +135,18 @@ def test_bad_inputs_are_named(tiny, tmp_path):
         predict_mask(model, np.zeros((8, 8), np.uint8))
     with pytest.raises(FileNotFoundError, match='config file not found'):
         init_model(str(tmp_path / 'missing.py'))
+
+
+def test_unusable_image_files_are_named(tiny, tmp_path):
+    """A named pipe blocked the loader forever; an empty file gave an
+    OpenCV/mmcv assertion without the path."""
+    _, _, model = tiny
+    pipe, empty = tmp_path / 'pipe.jpg', tmp_path / 'empty.jpg'
+    os.mkfifo(pipe)
+    empty.write_bytes(b'')
+    with hang_guard(), pytest.raises(
+            DataError, match=f'image file {pipe} is a named pipe'):
+        predict_mask(model, str(pipe))
+    with pytest.raises(DataError,
+                       match=rf'image file {empty} is empty \(0 bytes\)'):
+        predict_mask(model, empty)

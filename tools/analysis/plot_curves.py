@@ -26,6 +26,7 @@ import matplotlib
 matplotlib.use('Agg')  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from poolformer_seg.datasets import check_input_file  # noqa: E402
 from poolformer_seg.engine import add_debug_argument, run_tool  # noqa: E402
 
 Curve = Tuple[List[int], List[float]]
@@ -33,7 +34,9 @@ Curve = Tuple[List[int], List[float]]
 
 def find_scalar_files(run: str) -> List[str]:
     """The ``scalars.json`` files of a run, oldest first."""
-    if osp.isfile(run):
+    if osp.lexists(run) and not osp.isdir(run):
+        check_input_file(run, 'scalars file',
+                         fix='pass a work dir or a scalars.json file')
         return [run]
     if not osp.isdir(run):
         raise FileNotFoundError(f'run {run!r} is neither a work dir nor a '
