@@ -138,7 +138,8 @@ def model_config(args):
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     model = copy.deepcopy(cfg.model)
-    if model.get('type') != 'EncoderDecoder' or 'backbone' not in model:
+    if model.get('type') not in ('EncoderDecoder', 'RowwiseEncoderDecoder') \
+            or 'backbone' not in model:
         raise ValueError(f'{args.config}: expected an EncoderDecoder model')
     model.backbone.init_cfg = None  # weights come from randomize/checkpoint
     if args.channels_last or args.fast:

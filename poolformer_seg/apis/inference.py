@@ -181,8 +181,11 @@ def inference_model(model: torch.nn.Module, img: Union[ImageInput,
 
     Returns:
         ``SegDataSample`` (a list for a list input) with ``pred_sem_seg``
-        (``1 x H x W`` labels) and ``seg_logits`` (``C x H x W``) at the
-        input's original size.
+        (``1 x H x W`` labels) at the input's original size. The configs
+        here build a ``RowwiseEncoderDecoder``, which computes the labels
+        one row at a time and returns no ``seg_logits``; build the model
+        with ``cfg_options={'model.keep_seg_logits': True}`` to get them
+        (``C x H x W`` fp32 at the original size: 4 * C bytes per pixel).
     """
     if not hasattr(model, 'cfg'):
         raise ValueError('model has no .cfg; build it with init_model()')

@@ -65,8 +65,21 @@ def test_matches_mmseg_inference_model(tiny, tmp_path):
     reference_model.cfg.test_pipeline = \
         model.cfg.test_dataloader.dataset.pipeline
     reference = mmseg_inference_model(reference_model, path)
+    torch.testing.assert_close(ours.pred_sem_seg.data,
+                               reference.pred_sem_seg.data)
+    assert 'seg_logits' not in ours  # the row-by-row label map only
+    rowwise = ours.pred_sem_seg.data
+    # with keep_seg_logits: mmseg's full-size logits, and the same labels
+    model.keep_seg_logits = reference_model.keep_seg_logits = True
+    try:
+        ours = inference_model(model, path)
+        reference = mmseg_inference_model(reference_model, path)
+    finally:
+        model.keep_seg_logits = False
+    torch.testing.assert_close(rowwise, ours.pred_sem_seg.data)
     torch.testing.assert_close(ours.seg_logits.data,
                                reference.seg_logits.data)
+    assert ours.seg_logits.data.shape == (150, 90, 64)
     torch.testing.assert_close(ours.pred_sem_seg.data,
                                reference.pred_sem_seg.data)
 
