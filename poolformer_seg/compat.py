@@ -122,8 +122,9 @@ def apply() -> None:
         return
     if not full_mmcv_available():
         warnings.filterwarnings(
-            'ignore', message='Fail to import ``MultiScaleDeformableAttention``'
-            ' from ``mmcv.ops.multi_scale_deform_attn``')
+            'ignore', message='Fail to import '
+            '``MultiScaleDeformableAttention`` from '
+            '``mmcv.ops.multi_scale_deform_attn``')
         if 'mmcv.ops' not in sys.modules:
             _stub_mmcv_ops()
     _route_mmengine_loading()

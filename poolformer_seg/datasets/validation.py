@@ -71,7 +71,8 @@ def file_problem(path: str) -> Optional[str]:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        return 'does not exist'
+        return 'is a broken symbolic link' if osp.islink(path) \
+            else 'does not exist'
     except OSError as err:
         return f'cannot be examined ({err.strerror})'
     mode = info.st_mode

@@ -12,7 +12,8 @@ from .launch import (add_debug_argument, adapt_to_cpu_distributed,
                      init_cpu_process_group, load_tool_config, run_tool)
 from .optim_wrapper import AmpOnCudaOptimWrapper
 
-__all__ = ['AtomicLocalBackend', 'DiskFullError', 'atomic_write', 'find_resumable_checkpoint',
+__all__ = ['AtomicLocalBackend', 'DiskFullError', 'atomic_write',
+           'find_resumable_checkpoint',
            'is_complete_checkpoint', 'FiniteLossHook', 'NonFiniteError',
            'RNGStateHook', 'SafeCheckpointHook', 'capture_rng_state',
            'restore_rng_state', 'adapt_to_cpu_distributed',

@@ -47,7 +47,8 @@ _CONVENTIONS = {
     'checkpoint', 'checkpoint_file', 'pretrained', 'backend_args',
     'num_classes', 'dist_params', 'workflow', 'data_preprocessor',
     'test_pipeline_aligned', 'optimizer', 'optimizer_config', 'lr_config',
-    'runner', 'evaluation', 'checkpoint_config', 'log_config', 'cudnn_benchmark',
+    'runner', 'evaluation', 'checkpoint_config', 'log_config',
+    'cudnn_benchmark',
 }
 # ``difflib`` ratio above which an unknown key is taken for a typo of a
 # known one: one wrong, added or missing letter in a name of 8+ letters.

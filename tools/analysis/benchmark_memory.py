@@ -1,7 +1,7 @@
 """Peak memory (RSS) of ``tools/inference.py`` on one photo of a given size.
 
-    python tools/analysis/benchmark_memory.py configs/fpn_poolformer_s12_ade20k.py \\
-        --size 6000x4000
+    python tools/analysis/benchmark_memory.py \\
+        configs/fpn_poolformer_s12_ade20k.py --size 6000x4000
     python tools/analysis/benchmark_memory.py CONFIG --size 6000x4000 \\
         --keep-seg-logits      # mmseg's way: full-size fp32 logits kept
 
