@@ -8,7 +8,8 @@ INPUT is an image file, a folder (searched recursively for image files) or a
 glob pattern (quote it); extensions match in any letter case (``.JPG``). A
 named INPUT file that is not a regular, non-empty image is an error. Entries
 of a folder or glob that are not (a named pipe, a device, an empty file) are
-skipped with a warning each, and the tool exits with status 1 after the
+skipped with a warning each (so are images of a folder that cannot be
+decoded), and the tool exits with status 1 after the
 other images, listing them. For each image ``<name>`` it writes, under
 ``--out-dir`` (default ``./inference_out``), keeping sub-folders:
 
@@ -151,22 +152,35 @@ def main(argv=None):
     args = parse_args(argv)
     images, skipped = collect_images(args.input)
     for path, problem in skipped:
-        print(f'warning: skipped {path}: it {problem}', file=sys.stderr,
-              flush=True)
+        _warn_skipped(path, f'it {problem}')
+    # one named file: its problems are errors; in a folder or glob, an
+    # image that cannot be decoded is skipped like the entries above
+    scanned = not osp.lexists(args.input) or osp.isdir(args.input)
+    total = len(images) + len(skipped)
     model = init_model(args.config, args.checkpoint, device=args.device,
                        cfg_options=args.cfg_options,
                        allow_partial=args.allow_partial_load)
-    written = []
+    written, done = [], 0
     for path, name in tqdm(images, desc='segmenting', unit='image',
                            disable=len(images) == 1):
-        written += visualize(model, path, name, args.out_dir, args.opacity,
-                             args.panel)
-    print(f'wrote {len(written)} files for {len(images)} image(s) to '
+        try:
+            written += visualize(model, path, name, args.out_dir,
+                                 args.opacity, args.panel)
+            done += 1
+        except DataError as err:
+            if not scanned:
+                raise
+            skipped.append((path, str(err)))
+            _warn_skipped(path, str(err))
+    print(f'wrote {len(written)} files for {done} image(s) to '
           f'{args.out_dir}')
     if skipped:
-        raise DataError(f'{len(skipped)} of {len(images) + len(skipped)} '
-                        f'inputs were skipped (listed above): '
-                        f'{_listing(skipped)}')
+        raise DataError(f'{len(skipped)} of {total} inputs were skipped '
+                        f'(listed above): {_listing(skipped)}')
+
+
+def _warn_skipped(path: str, why: str) -> None:
+    tqdm.write(f'warning: skipped {path}: {why}', file=sys.stderr)
 
 
 if __name__ == '__main__':

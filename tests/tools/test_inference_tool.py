@@ -110,20 +110,23 @@ def test_glob_and_single_file_inputs(load_tool, photos):
 
 @pytest.fixture
 def odd_folder(photos, tmp_path):
-    """a.jpg, an upper-case B.JPG, a named pipe c.jpg, an empty d.png."""
+    """a.jpg, an upper-case B.JPG, a named pipe c.jpg, an empty d.png, an
+    e.png that is not an image."""
     folder = tmp_path / 'odd'
     folder.mkdir()
     shutil.copy(osp.join(photos, 'a.jpg'), folder / 'a.jpg')
     shutil.copy(osp.join(photos, 'sub', 'b.jpg'), folder / 'B.JPG')
     os.mkfifo(folder / 'c.jpg')
     (folder / 'd.png').write_bytes(b'')
+    (folder / 'e.png').write_bytes(b'not a PNG')
     return folder
 
 
 def test_folder_with_named_pipe_does_not_hang(load_tool, tiny, odd_folder,
                                               tmp_path, capsys):
-    """The named pipe and the empty file are skipped, each with a warning
-    naming it; the others (B.JPG included) are segmented; exit status 1."""
+    """The named pipe, the empty file and the undecodable one are skipped,
+    each with a warning naming it; the others (B.JPG included) are
+    segmented; exit status 1, listing the skipped ones."""
     tool = load_tool('inference.py')
     out = tmp_path / 'out'
     with hang_guard(), pytest.raises(SystemExit) as stop:
@@ -141,8 +144,11 @@ def test_folder_with_named_pipe_does_not_hang(load_tool, tiny, odd_folder,
                         'regular file')
     assert lines[1] == (f'warning: skipped {odd_folder}/d.png: it is empty '
                         '(0 bytes)')
+    assert (f'warning: skipped {odd_folder}/e.png: input image '
+            f'{odd_folder}/e.png cannot be decoded: it is damaged or not an '
+            'image') in lines  # amid the progress bar's lines
     error, = [line for line in lines if line.startswith('error:')]
-    assert error.startswith('error: DataError: 2 of 4 inputs were skipped')
+    assert error.startswith('error: DataError: 3 of 5 inputs were skipped')
 
 
 @pytest.mark.parametrize('kind', ['pipe', 'empty', 'not an image'])
