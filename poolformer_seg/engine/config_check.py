@@ -56,8 +56,9 @@ _TYPO_RATIO = 0.85
 
 
 def known_top_level_keys() -> set:
+    """Top-level keys that something reads, or that configs use by
+    convention."""
     return _runner_keys() | _CONVENTIONS
-
 
 
 def read_config(path: str) -> Config:
