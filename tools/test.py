@@ -100,9 +100,6 @@ def build_config(args) -> Config:
             if key not in cfg:
                 raise SystemExit(f'--tta needs `{key}` in the config')
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
-        if cfg.model.get('type') == 'RowwiseEncoderDecoder':
-            # SegTTAModel averages the views' full-size seg_logits
-            cfg.model.keep_seg_logits = True
         cfg.tta_model.module = cfg.model
         cfg.model = cfg.tta_model
     if args.out is not None:

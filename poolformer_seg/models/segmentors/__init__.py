@@ -1,3 +1,4 @@
-from .rowwise_encoder_decoder import RowwiseEncoderDecoder, resized_argmax
+from .rowwise_encoder_decoder import (FullLogitsSegTTAModel,
+                                      RowwiseEncoderDecoder, resized_argmax)
 
-__all__ = ['RowwiseEncoderDecoder', 'resized_argmax']
+__all__ = ['RowwiseEncoderDecoder', 'FullLogitsSegTTAModel', 'resized_argmax']

@@ -12,10 +12,11 @@ from typing import Optional
 
 import torch
 from mmengine.structures import PixelData
-from mmseg.models.segmentors import EncoderDecoder
+from mmseg.models.segmentors import EncoderDecoder, SegTTAModel
 from mmseg.registry import MODELS
 
-__all__ = ['RowwiseEncoderDecoder', 'resized_argmax', 'source_positions']
+__all__ = ['RowwiseEncoderDecoder', 'FullLogitsSegTTAModel', 'resized_argmax',
+           'source_positions']
 
 def source_positions(in_size: int, out_size: int, align_corners: bool,
                      device=None):
@@ -117,8 +118,9 @@ class RowwiseEncoderDecoder(EncoderDecoder):
             ``C x H x W`` fp32 scores at the original size, computed as
             mmseg does (and costing what it costs: 4 * C bytes per pixel).
             Needed by ``SegTTAModel``, which averages them over the
-            augmented views (``tools/test.py --tta`` turns it on). Default
-            False: data samples carry ``pred_sem_seg`` only.
+            augmented views (:class:`FullLogitsSegTTAModel`, the configs'
+            ``tta_model``, turns it on). Default False: data samples carry
+            ``pred_sem_seg`` only.
     """
 
     def __init__(self, *args, keep_seg_logits: bool = False, **kwargs):
@@ -145,3 +147,17 @@ class RowwiseEncoderDecoder(EncoderDecoder):
                                     self.align_corners)
             sample.set_data(dict(pred_sem_seg=PixelData(data=labels[None])))
         return data_samples
+
+
+@MODELS.register_module()
+class FullLogitsSegTTAModel(SegTTAModel):
+    """mmseg's ``SegTTAModel`` that turns on ``keep_seg_logits`` of its
+    segmentor: it averages the views' full-size ``seg_logits``, which a
+    :class:`RowwiseEncoderDecoder` otherwise does not return. Test-time
+    augmentation therefore costs mmseg's memory (4 * C bytes per pixel and
+    view)."""
+
+    def __init__(self, module, *args, **kwargs):
+        super().__init__(module, *args, **kwargs)
+        if isinstance(self.module, RowwiseEncoderDecoder):
+            self.module.keep_seg_logits = True

@@ -112,7 +112,7 @@ def segmentor():
 def samples(flip=None):
     sample = SegDataSample(metainfo=dict(
         ori_shape=(75, 121), img_shape=(64, 96), pad_shape=(64, 96),
-        padding_size=[0, 0, 0, 0], flip=flip is not None,
+        padding_size=[0, 0, 0, 0], flip=flip is not None, img_path='x.jpg',
         flip_direction=flip))
     return [sample]
 
@@ -136,3 +136,21 @@ def test_segmentor_labels_match_mmseg_postprocess(segmentor, flip):
     chosen = kept.seg_logits.data.gather(0, ours.pred_sem_seg.data)
     assert torch.allclose(chosen, kept.seg_logits.data.max(0).values,
                           rtol=0, atol=1e-5)
+
+
+def test_tta_model_of_the_configs_keeps_the_logits_it_averages(segmentor):
+    """mmseg's SegTTAModel reads seg_logits of every view; the configs'
+    tta_model turns them on (mmseg's own tools/test.py --tta uses it)."""
+    from mmengine.config import Config
+    from tests.conftest import S12_CONFIG
+    tta_cfg = Config.fromfile(S12_CONFIG).tta_model
+    module = copy.deepcopy(segmentor)
+    assert not module.keep_seg_logits
+    tta = MODELS.build(dict(tta_cfg, module=module))
+    assert tta.module is module and module.keep_seg_logits
+    inputs = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        views = [module.predict(inputs, samples(flip))
+                 for flip in (None, 'horizontal')]
+    merged, = tta.merge_preds([[view[0] for view in views]])
+    assert merged.pred_sem_seg.data.shape == (1, 75, 121)
