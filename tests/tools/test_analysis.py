@@ -228,8 +228,8 @@ def test_confusion_matrix_reports_missing_predictions(
 @pytest.mark.parametrize('kind', ['pipe', 'empty', 'not an image'])
 def test_confusion_matrix_refuses_unusable_predictions(
         noisy_predictions, load_tool, tmp_path, kind):
-    """A named pipe used to block the tool forever; an empty or damaged
-    file gave PIL's error without the path."""
+    """A named pipe was reported as a missing prediction, an empty or
+    damaged file ended in PIL's UnidentifiedImageError traceback."""
     config, pred_dir, _ = noisy_predictions
     broken = tmp_path / 'broken'
     shutil.copytree(pred_dir, broken)
