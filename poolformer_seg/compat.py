@@ -16,9 +16,6 @@ can be deleted when the dependency is fixed.
    fine and raises :class:`MissingMmcvOpError` when it is used, so a model that
    needs a compiled op fails loudly at build time instead of at import time,
    and never computes a wrong result. With full mmcv installed nothing is done.
-   mmcv's ``cnn.bricks.transformer`` then warns once that it cannot import
-   ``MultiScaleDeformableAttention``: that warning is silenced with the
-   stand-in, since using the op raises :class:`MissingMmcvOpError` anyway.
 
 2. ``torch.load`` in mmengine 0.10.7 (torch >= 2.6).
    mmengine calls ``torch.load`` without ``weights_only``, so torch's default
@@ -26,6 +23,12 @@ can be deleted when the dependency is fixed.
    main (PR #1670) but unreleased. :func:`apply` routes mmengine's local and
    http checkpoint loaders through :func:`poolformer_seg.utils.safe_load.load`,
    which keeps ``weights_only=True`` with a minimal allowlist.
+
+3. The import warning of ``mmcv.cnn`` on mmcv-lite (mmcv-lite 2.1.0).
+   Every import of ``mmcv.cnn`` warns that ``MultiScaleDeformableAttention``
+   cannot be imported; nothing here uses it, and the stand-in of 1. raises
+   if a model does. :func:`apply` filters this one message, so that a tool's
+   error is not preceded by two lines of unrelated advice.
 
 Call :func:`apply` before the first import of ``mmseg.models``; importing
 ``poolformer_seg`` does it, and so do the scripts in ``tools/``.
@@ -145,11 +148,13 @@ def apply() -> None:
     if _applied:
         return
     _require_mmcv()
-    if not full_mmcv_available() and 'mmcv.ops' not in sys.modules:
-        _stub_mmcv_ops()
+    if not full_mmcv_available():
         warnings.filterwarnings(
-            'ignore', message='Fail to import ``MultiScaleDeformableAttention',
-            category=UserWarning)
+            'ignore', message='Fail to import '
+            '``MultiScaleDeformableAttention`` from '
+            '``mmcv.ops.multi_scale_deform_attn``')
+        if 'mmcv.ops' not in sys.modules:
+            _stub_mmcv_ops()
     _route_mmengine_loading()
     _applied = True
 

@@ -52,6 +52,7 @@ import time
 
 import poolformer_seg  # noqa: F401  (must precede mmseg imports)
 import torch
+from poolformer_seg.engine import add_debug_argument, run_tool
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16,
           'fp16': torch.float16}
@@ -114,6 +115,7 @@ def parse_args(argv=None):
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override config settings, key=value')
     p.add_argument('--probe', help=argparse.SUPPRESS)  # memory worker
+    add_debug_argument(p)
     args = p.parse_args(argv)
     for name in ('repeats', 'threads'):
         if getattr(args, name) < 1:
@@ -136,7 +138,8 @@ def model_config(args):
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     model = copy.deepcopy(cfg.model)
-    if model.get('type') != 'EncoderDecoder' or 'backbone' not in model:
+    if model.get('type') not in ('EncoderDecoder', 'RowwiseEncoderDecoder') \
+            or 'backbone' not in model:
         raise ValueError(f'{args.config}: expected an EncoderDecoder model')
     model.backbone.init_cfg = None  # weights come from randomize/checkpoint
     if args.channels_last or args.fast:
@@ -732,4 +735,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

@@ -27,6 +27,7 @@ import tempfile
 
 import poolformer_seg  # noqa: F401  (compat before any mmseg import)
 import torch
+from poolformer_seg.engine import add_debug_argument, run_tool
 from poolformer_seg.utils.layouts import (LAYOUTS, CheckpointError,
                                           convert_backbone_state_dict,
                                           convert_prefixed_keys,
@@ -51,6 +52,7 @@ def parse_args(argv=None):
         choices=['auto', SEGMENTOR] + list(LAYOUTS),
         help=f'layout of SRC; auto detects it. {SEGMENTOR}: a whole mmseg '
         'segmentor (1.x or sail-sg 0.x) whose backbone.* keys are converted')
+    add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -168,4 +170,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

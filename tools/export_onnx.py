@@ -26,6 +26,7 @@ from mmengine.config import DictAction
 
 from poolformer_seg.apis import init_model
 from poolformer_seg.apis.export import MIN_EXPORT_SIZE, export_onnx
+from poolformer_seg.engine import add_debug_argument, run_tool
 
 
 def parse_args(argv=None):
@@ -52,6 +53,7 @@ def parse_args(argv=None):
                         'with a warning (default: error)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value')
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     if min(args.shape) < MIN_EXPORT_SIZE * 4 // 3:
         parser.error(f'--shape must be at least {MIN_EXPORT_SIZE * 4 // 3} '
@@ -109,4 +111,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

@@ -5,7 +5,12 @@
     python tools/inference.py CONFIG CHECKPOINT 'photos/**/*.jpg' --opacity 0.6
 
 INPUT is an image file, a folder (searched recursively for image files) or a
-glob pattern (quote it). For each image ``<name>`` it writes, under
+glob pattern (quote it); extensions match in any letter case (``.JPG``). A
+named INPUT file that is not a regular, non-empty image is an error. Entries
+of a folder or glob that are not (a named pipe, a device, an empty file) are
+skipped with a warning each (so are images of a folder that cannot be
+decoded), and the tool exits with status 1 after the
+other images, listing them. For each image ``<name>`` it writes, under
 ``--out-dir`` (default ``./inference_out``), keeping sub-folders:
 
 * ``<name>_mask.png``    the predicted classes in the dataset palette
@@ -20,7 +25,6 @@ The checkpoint is loaded strictly (see docs/inference.md).
 """
 import argparse
 import glob
-import os
 import os.path as osp
 import sys
 
@@ -32,6 +36,9 @@ from tqdm import tqdm
 from poolformer_seg.apis import (colorize_mask, init_model, overlay_mask,
                                  predict_mask, render_legend, side_by_side,
                                  write_rgb)
+from poolformer_seg.datasets import (DataError, check_input_file,
+                                     file_problem, scan_folder)
+from poolformer_seg.engine import add_debug_argument, run_tool
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff',
                     '.webp')
@@ -58,6 +65,7 @@ def parse_args(argv=None):
                         'with a warning (default: error)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value')
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     if not 0. <= args.opacity <= 1.:
         parser.error(f'--opacity must be in [0, 1], got {args.opacity}')
@@ -65,26 +73,49 @@ def parse_args(argv=None):
 
 
 def collect_images(pattern: str):
-    """``[(path, name), ...]``: ``name`` is the output name without suffix,
-    relative to the folder (or the common folder of the glob matches)."""
-    if osp.isfile(pattern):
+    """``([(path, name), ...], skipped)``: ``name`` is the output name
+    without suffix, relative to the folder (or the common folder of the glob
+    matches); ``skipped`` lists ``(path, problem)`` for the matches of a
+    folder or glob that are not regular, non-empty files (extensions match
+    in any letter case).
+
+    Raises:
+        DataError: ``pattern`` names one file and it is unusable.
+        FileNotFoundError: nothing matches.
+    """
+    skipped = []
+    if osp.isdir(pattern):
+        found, skipped = scan_folder(pattern, IMAGE_EXTENSIONS)
+        paths, root = [osp.join(pattern, p) for p in found], pattern
+    elif osp.lexists(pattern):  # one file: refuse it if it is unusable
+        check_input_file(pattern, 'input image')
         paths, root = [pattern], osp.dirname(pattern)
-    elif osp.isdir(pattern):
-        paths = [osp.join(folder, f) for folder, _, files in os.walk(pattern)
-                 for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-        root = pattern
     else:
-        paths = [p for p in glob.glob(pattern, recursive=True)
-                 if osp.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)]
+        paths = []
+        for path in sorted(glob.glob(pattern, recursive=True)):
+            if osp.isdir(path) or \
+                    not path.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            problem = file_problem(path)
+            if problem is None:
+                paths.append(path)
+            else:
+                skipped.append((path, problem))
         root = osp.commonpath([osp.dirname(osp.abspath(p)) for p in paths]) \
             if paths else ''
     if not paths:
-        raise FileNotFoundError(f'no image files match {pattern!r} '
-                                f'(extensions: {", ".join(IMAGE_EXTENSIONS)})')
+        also = f'; skipped: {_listing(skipped)}' if skipped else ''
+        raise FileNotFoundError(f'no usable image files match {pattern!r} '
+                                f'(extensions, any case: '
+                                f'{", ".join(IMAGE_EXTENSIONS)}){also}')
     paths = sorted(paths)
     names = [osp.splitext(osp.relpath(osp.abspath(p), osp.abspath(root)))[0]
              for p in paths]
-    return list(zip(paths, names))
+    return list(zip(paths, names)), skipped
+
+
+def _listing(skipped) -> str:
+    return '; '.join(f'{path} {problem}' for path, problem in skipped)
 
 
 def visualize(model, path: str, name: str, out_dir: str, opacity: float,
@@ -92,9 +123,11 @@ def visualize(model, path: str, name: str, out_dir: str, opacity: float,
     """Segment ``path``; write the output files; return their paths."""
     # mmcv reads the file exactly as the test pipeline would (BGR); the same
     # array goes to the model and, as RGB, under the overlay.
+    check_input_file(path, 'input image')
     image_bgr = mmcv.imread(path)
     if image_bgr is None:
-        raise OSError(f'cannot read image {path}')
+        raise DataError(f'input image {path} cannot be decoded: it is '
+                        'damaged or not an image')
     image = mmcv.bgr2rgb(image_bgr)
     mask = predict_mask(model, image_bgr)
     classes = model.dataset_meta['classes']
@@ -117,21 +150,38 @@ def visualize(model, path: str, name: str, out_dir: str, opacity: float,
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        images = collect_images(args.input)
-    except FileNotFoundError as err:
-        sys.exit(f'error: {err}')
+    images, skipped = collect_images(args.input)
+    for path, problem in skipped:
+        _warn_skipped(path, f'it {problem}')
+    # one named file: its problems are errors; in a folder or glob, an
+    # image that cannot be decoded is skipped like the entries above
+    scanned = not osp.lexists(args.input) or osp.isdir(args.input)
+    total = len(images) + len(skipped)
     model = init_model(args.config, args.checkpoint, device=args.device,
                        cfg_options=args.cfg_options,
                        allow_partial=args.allow_partial_load)
-    written = []
+    written, done = [], 0
     for path, name in tqdm(images, desc='segmenting', unit='image',
                            disable=len(images) == 1):
-        written += visualize(model, path, name, args.out_dir, args.opacity,
-                             args.panel)
-    print(f'wrote {len(written)} files for {len(images)} image(s) to '
+        try:
+            written += visualize(model, path, name, args.out_dir,
+                                 args.opacity, args.panel)
+            done += 1
+        except DataError as err:
+            if not scanned:
+                raise
+            skipped.append((path, str(err)))
+            _warn_skipped(path, str(err))
+    print(f'wrote {len(written)} files for {done} image(s) to '
           f'{args.out_dir}')
+    if skipped:
+        raise DataError(f'{len(skipped)} of {total} inputs were skipped '
+                        f'(listed above): {_listing(skipped)}')
+
+
+def _warn_skipped(path: str, why: str) -> None:
+    tqdm.write(f'warning: skipped {path}: {why}', file=sys.stderr)
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from poolformer_seg.datasets.synthetic import CLASSES, make_ade_dataset
+from poolformer_seg.engine import add_debug_argument, run_tool
 
 
 def parse_args(argv=None):
@@ -28,6 +29,7 @@ def parse_args(argv=None):
                         help='smallest image side in pixels')
     parser.add_argument('--max-size', type=int, default=360,
                         help='largest image side in pixels')
+    add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -45,4 +47,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

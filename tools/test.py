@@ -20,7 +20,9 @@ from mmengine.dist import is_main_process
 from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.runner import Runner
 from poolformer_seg.engine import (adapt_to_cpu_distributed,
-                                   init_cpu_process_group, load_tool_config)
+                                   add_debug_argument,
+                                   init_cpu_process_group, load_tool_config,
+                                   run_tool)
 from poolformer_seg.utils.loading import load_segmentor_checkpoint
 
 
@@ -62,6 +64,7 @@ def parse_args(argv=None):
         help='load a checkpoint that lacks some of the model\'s weights or '
         'has other shapes, with a warning (default: error)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
@@ -133,4 +136,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

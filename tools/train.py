@@ -14,7 +14,9 @@ import torch
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 from poolformer_seg.engine import (adapt_to_cpu_distributed,
-                                   init_cpu_process_group, load_tool_config)
+                                   add_debug_argument,
+                                   init_cpu_process_group, load_tool_config,
+                                   run_tool)
 
 from mmseg.registry import RUNNERS
 
@@ -44,6 +46,7 @@ def parse_args(argv=None):
     # torch.distributed.launch passes --local-rank (torch >= 2.0) or
     # --local_rank; torchrun sets LOCAL_RANK instead.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
@@ -87,4 +90,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

@@ -32,4 +32,6 @@ log_level = 'INFO'
 load_from = None
 resume = False
 
-tta_model = dict(type='SegTTAModel')
+# mmseg's SegTTAModel; it makes the RowwiseEncoderDecoder return the
+# full-size seg_logits that it averages over the views.
+tta_model = dict(type='FullLogitsSegTTAModel')

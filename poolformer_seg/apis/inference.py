@@ -19,7 +19,6 @@ Differences from ``mmseg.apis`` (same names, same config conventions):
   ``num_classes`` (mmseg guesses a dataset from the class count).
 """
 import copy
-import os.path as osp
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -31,6 +30,8 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 from mmseg.registry import DATASETS, MODELS
 
+from poolformer_seg.datasets.validation import check_input_file
+from poolformer_seg.engine.config_check import check_config, read_config
 from poolformer_seg.utils.loading import load_segmentor_checkpoint
 
 __all__ = ['build_segmentor', 'init_model', 'inference_model', 'predict_mask',
@@ -40,11 +41,12 @@ ImageInput = Union[str, Path, np.ndarray]
 
 
 def load_config(config, cfg_options: Optional[dict] = None) -> Config:
-    """A :class:`Config` from a path or a Config (copied, never modified)."""
+    """A :class:`Config` from a path or a Config (copied, never modified),
+    checked by :func:`~poolformer_seg.engine.config_check.check_config`."""
+    source = None
     if isinstance(config, (str, Path)):
-        if not osp.isfile(config):
-            raise FileNotFoundError(f'config file not found: {config}')
-        config = Config.fromfile(str(config))
+        source = str(config)
+        config = read_config(source)
     elif isinstance(config, Config):
         config = copy.deepcopy(config)
     else:
@@ -52,6 +54,7 @@ def load_config(config, cfg_options: Optional[dict] = None) -> Config:
                         f'{type(config)}')
     if cfg_options:
         config.merge_from_dict(cfg_options)
+    check_config(config, source)
     return config
 
 
@@ -160,8 +163,7 @@ def _load_step(img: ImageInput) -> dict:
                              f'{img.shape}')
         return dict(img=img)
     if isinstance(img, (str, Path)):
-        if not osp.isfile(img):
-            raise FileNotFoundError(f'image file not found: {img}')
+        check_input_file(str(img), 'image file')
         return dict(img_path=str(img))
     raise TypeError(f'img must be a path or an H x W x 3 uint8 array, got '
                     f'{type(img)}')
@@ -179,8 +181,11 @@ def inference_model(model: torch.nn.Module, img: Union[ImageInput,
 
     Returns:
         ``SegDataSample`` (a list for a list input) with ``pred_sem_seg``
-        (``1 x H x W`` labels) and ``seg_logits`` (``C x H x W``) at the
-        input's original size.
+        (``1 x H x W`` labels) at the input's original size. The configs
+        here build a ``RowwiseEncoderDecoder``, which computes the labels
+        one row at a time and returns no ``seg_logits``; build the model
+        with ``cfg_options={'model.keep_seg_logits': True}`` to get them
+        (``C x H x W`` fp32 at the original size: 4 * C bytes per pixel).
     """
     if not hasattr(model, 'cfg'):
         raise ValueError('model has no .cfg; build it with init_model()')

@@ -16,6 +16,10 @@ input                                  behaviour
 data root / split folder missing       ``DataError`` when built
 split without images                   ``DataError`` when built
 image without annotation               ``DataError`` when built
+pipe/device/empty file named *.jpg     ``DataError`` when built
+``a.JPG``, ``a.Jpg``, ``a.PNG``        found (suffixes in any case)
+``a.jpg`` and ``a.JPG`` side by side   ``DataError`` when built
+empty (0-byte) image or annotation     ``DataError`` when the sample loads
 truncated JPEG/PNG, not an image       ``DataError`` when the sample loads
 corrupt image data                     ``DataError`` when the sample loads
 annotation size != image size          ``DataError`` when the sample loads
@@ -33,8 +37,10 @@ The checks read each annotation once more than the pipeline does (a PNG
 decode, about a millisecond) and only the header of each image.
 """
 import io
+import os
 import os.path as osp
-from typing import List, Tuple
+import stat
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -50,7 +56,93 @@ _FIX_FILE = 're-download it or remove it (and its annotation) from the dataset'
 
 
 class DataError(ValueError):
-    """A dataset file is missing, damaged or inconsistent."""
+    """An input file (of a dataset, or given to a tool) is unusable: not a
+    regular file, empty, damaged or inconsistent."""
+
+
+def file_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be read as an input file, or None if it can.
+
+    Only regular, non-empty, readable files pass: a named pipe would block
+    the reader until something writes to it (forever, in a dataset), a
+    device can stream without end, and an empty file makes the image
+    decoders fail without naming it.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return 'is a broken symbolic link' if osp.islink(path) \
+            else 'does not exist'
+    except OSError as err:
+        return f'cannot be examined ({err.strerror})'
+    mode = info.st_mode
+    kinds = [(stat.S_ISDIR, 'a folder'),
+             (stat.S_ISFIFO, 'a named pipe (FIFO), which would block the '
+              'reader'),
+             (stat.S_ISCHR, 'a character device'),
+             (stat.S_ISBLK, 'a block device'),
+             (stat.S_ISSOCK, 'a socket')]
+    for test, kind in kinds:
+        if test(mode):
+            return f'is {kind}, not a regular file'
+    if not stat.S_ISREG(mode):
+        return 'is not a regular file'
+    if info.st_size == 0:
+        return 'is empty (0 bytes)'
+    if not os.access(path, os.R_OK):
+        return 'is not readable (permission denied)'
+    return None
+
+
+def _is_local(path: str, backend_args=None) -> bool:
+    backend = (backend_args or {}).get('backend', 'local')
+    return '://' not in str(path) and backend in ('local', 'local_atomic')
+
+
+def check_input_file(path: str, what: str = 'image', fix: str = _FIX_FILE,
+                     backend_args=None) -> None:
+    """Raise unless ``path`` is a regular, non-empty, readable file.
+
+    Files behind a non-local backend (``s3://``...) are not examined.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        DataError: any other :func:`file_problem`; the message is
+            ``'<what> <path> <problem>; <fix>'``.
+    """
+    if not _is_local(path, backend_args):
+        return
+    problem = file_problem(path)
+    if problem == 'does not exist':
+        raise FileNotFoundError(f'{what} {path} does not exist')
+    if problem is not None:
+        raise DataError(f'{what} {path} {problem}; {fix}')
+
+
+def scan_folder(folder: str, suffixes: Sequence[str]
+                ) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Files under ``folder`` (recursive, hidden entries left out) whose
+    names end in one of ``suffixes``, in any letter case.
+
+    Returns:
+        ``(usable, refused)``: sorted paths relative to ``folder`` that pass
+        :func:`file_problem`, and ``(path, problem)`` for the matching
+        entries that do not (named pipes, devices, empty files...).
+    """
+    suffixes = tuple(s.lower() for s in suffixes)
+    usable, refused = [], []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith('.')]
+        for name in names:  # every entry that is not a folder
+            if name.startswith('.') or not name.lower().endswith(suffixes):
+                continue
+            path = osp.join(root, name)
+            problem = file_problem(path)
+            if problem is None:
+                usable.append(osp.relpath(path, folder))
+            else:
+                refused.append((path, problem))
+    return sorted(usable), sorted(refused)
 
 
 def _quote(paths: List[str]) -> str:
@@ -76,6 +168,7 @@ def image_size(path: str, backend_args=None) -> Tuple[int, int]:
     Reads only the header. Checks that the file is complete and an image.
     EXIF orientations 5-8 swap H and W, as OpenCV applies them.
     """
+    check_input_file(path, 'image', backend_args=backend_args)
     data = fileio.get(path, backend_args=backend_args)
     _check_complete(data, path)
     try:
@@ -100,6 +193,7 @@ def check_annotation(path: str, image_path: str, image_shape, num_classes,
     ("other", becomes 255), 1..num_classes (become 0..num_classes - 1) and
     255; without it, 0..num_classes - 1 and 255.
     """
+    check_input_file(path, 'annotation', backend_args=backend_args)
     data = fileio.get(path, backend_args=backend_args)
     _check_complete(data, path)
     seg = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -158,7 +252,9 @@ class CheckedADE20KDataset(ADE20KDataset):
                     'ADE20K layout images/{training,validation} and '
                     'annotations/{training,validation} under data_root. '
                     f'{fix}')
-        data_list = super().load_data_list()
+        data_list = self._list_samples(img_dir, ann_dir) \
+            if not self.ann_file and _is_local(img_dir, self.backend_args) \
+            else super().load_data_list()
         if not data_list:
             raise DataError(f'no images ending in {self.img_suffix!r} in '
                             f'{img_dir}: this split is empty')
@@ -171,6 +267,49 @@ class CheckedADE20KDataset(ADE20KDataset):
                 f'<name>{self.seg_map_suffix} in {ann_dir}: '
                 f'{_quote(missing)}. Add the annotations or remove these '
                 'images.')
+        return data_list
+
+    def _list_samples(self, img_dir: str, ann_dir: Optional[str]
+                      ) -> List[dict]:
+        """mmseg's listing of a split folder, with two differences: the
+        suffixes match in any letter case (``a.JPG`` is found with
+        ``img_suffix='.jpg'``, ``a.PNG`` as its annotation), and an entry
+        that is not a regular, non-empty file is an error, not skipped."""
+        images, refused = scan_folder(img_dir, [self.img_suffix])
+        annotations = {}
+        if ann_dir is not None:
+            found, bad = scan_folder(ann_dir, [self.seg_map_suffix])
+            refused += bad
+            for name in found:
+                annotations.setdefault(name.lower(), []).append(name)
+        if refused:
+            raise DataError(
+                f'{len(refused)} dataset file(s) cannot be read: ' +
+                _quote([f'{path} {problem}' for path, problem in refused]) +
+                '. Replace them with the real files or remove them')
+        stems = {}
+        for name in images:
+            stems.setdefault(name[:-len(self.img_suffix)].lower(),
+                             []).append(name)
+        clashes = [' and '.join(osp.join(img_dir, n) for n in names)
+                   for names in stems.values() if len(names) > 1]
+        if clashes:
+            raise DataError(f'images whose names differ only in letter case '
+                            f'would share one annotation: {_quote(clashes)}. '
+                            'Rename or remove one of each')
+        data_list = []
+        for name in images:
+            info = dict(img_path=osp.join(img_dir, name),
+                        label_map=self.label_map,
+                        reduce_zero_label=self.reduce_zero_label,
+                        seg_fields=[])
+            if ann_dir is not None:
+                seg_map = name[:-len(self.img_suffix)] + self.seg_map_suffix
+                if not osp.isfile(osp.join(ann_dir, seg_map)):
+                    seg_map = (annotations.get(seg_map.lower()) or
+                               [seg_map])[0]
+                info['seg_map_path'] = osp.join(ann_dir, seg_map)
+            data_list.append(info)
         return data_list
 
     def prepare_data(self, idx: int):

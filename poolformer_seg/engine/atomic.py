@@ -14,6 +14,7 @@
   file named in ``work_dir/last_checkpoint`` if it is complete, else the
   newest complete ``iter_*.pth``/``epoch_*.pth``.
 """
+import errno
 import glob
 import os
 import os.path as osp
@@ -37,11 +38,31 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+# "No space left on device", "File too large", "Disk quota exceeded": the
+# OS names no file, so the error is re-raised naming the target.
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG,
+              getattr(errno, 'EDQUOT', errno.ENOSPC)}
+
+
+class DiskFullError(OSError):
+    """A save failed for lack of space (or a file size limit); the message
+    names the file. The previous file at the path is intact."""
+
+
+def _disk_full_message(err: OSError, path: str, size: int) -> str:
+    return (f'cannot save {path} ({size / 2**20:.1f} MB): '
+            f'{err.strerror or os.strerror(err.errno)}. The previous '
+            f'version of the file, if any, is intact; free space in '
+            f'{osp.dirname(osp.abspath(path))} or save elsewhere '
+            '(e.g. --work-dir)')
+
+
 def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> None:
     """Write ``data`` to ``path`` so that a crash never leaves a partial file.
 
     A process killed at any moment leaves ``path`` either untouched or
-    complete; at worst a stray ``<path>.<pid>.tmp`` stays behind.
+    complete; at worst a stray ``<path>.<pid>.tmp`` stays behind. A full
+    disk (or file size limit) raises :class:`DiskFullError` naming ``path``.
     """
     path = str(path)
     directory = osp.dirname(osp.abspath(path))
@@ -55,9 +76,12 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if osp.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            raise DiskFullError(err.errno, _disk_full_message(
+                err, path, len(data)), path) from err
         raise
     _fsync_dir(directory)
 

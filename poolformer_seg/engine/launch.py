@@ -1,17 +1,82 @@
-"""Shared set-up of tools/train.py and tools/test.py.
+"""Shared set-up of the tools.
 
-Config loading with the mmseg tools' precedence rules, the adjustments
-that let a GPU config run distributed on CPU-only machines, and the filter
-for upstream warnings that are known to be harmless here.
+* :func:`run_tool`: every tool's entry point; the project's own errors
+  (bad data, config, checkpoint, input file, full disk) become one short
+  message and exit status 1 instead of a traceback;
+* config loading with the mmseg tools' precedence rules and the checks of
+  :mod:`poolformer_seg.engine.config_check`;
+* the adjustments that let a GPU config run distributed on CPU-only
+  machines;
+* the filter for upstream warnings known to be harmless here.
 """
+import argparse
 import datetime
+import os
 import os.path as osp
+import re
+import sys
 import warnings
-from typing import List
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as torch_dist
 from mmengine.config import Config
+
+from .config_check import ConfigError, check_config, read_config
+
+DEBUG_ENV = 'POOLFORMER_SEG_DEBUG'
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--debug`` flag that :func:`run_tool` reads."""
+    parser.add_argument(
+        '--debug', action='store_true',
+        help=f'show the full traceback of an error (or set {DEBUG_ENV}=1)')
+
+
+def user_errors() -> tuple:
+    """Exceptions that explain themselves: raised by this project's checks
+    with a message naming the file, key or parameter and the fix."""
+    from poolformer_seg.datasets.validation import DataError
+    from poolformer_seg.utils.safe_load import CheckpointError
+
+    from .atomic import DiskFullError
+    from .hooks import NonFiniteError
+    return (ConfigError, DataError, CheckpointError, DiskFullError,
+            NonFiniteError, FileNotFoundError)
+
+
+def error_message(err: BaseException) -> str:
+    """The message of ``err``, without the traceback text that a DataLoader
+    worker prepends when it re-raises an error in the main process."""
+    message = str(err)
+    if 'Original Traceback' in message:
+        found = re.findall(rf'^{type(err).__name__}: (.*)$', message,
+                           flags=re.MULTILINE | re.DOTALL)
+        message = found[-1] if found else message
+    return f'{type(err).__name__}: {message.strip()}'
+
+
+def run_tool(main: Callable, argv: Optional[Sequence[str]] = None):
+    """Run ``main(argv)`` as a command-line tool.
+
+    An error of :func:`user_errors` is printed as ``error: <Type>: <message>``
+    plus a line on ``--debug``, and the process exits with status 1; with
+    ``--debug`` in ``argv`` or ``POOLFORMER_SEG_DEBUG=1`` it propagates with
+    its traceback. Other exceptions (bugs) always keep their traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = '--debug' in argv or \
+        os.environ.get(DEBUG_ENV, '').strip() not in ('', '0')
+    try:
+        return main(argv)
+    except user_errors() as err:
+        if debug:
+            raise
+        print(f'error: {error_message(err)}', file=sys.stderr, flush=True)
+        print(f'(run with --debug or {DEBUG_ENV}=1 for the traceback)',
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 # (message regex, category, why it is harmless with this project's configs).
@@ -47,13 +112,15 @@ def load_tool_config(args) -> Config:
 
     ``--cfg-options`` are merged, ``args.launcher`` is recorded, and the work
     dir is: ``--work-dir`` > the config's ``work_dir`` >
-    ``./work_dirs/<config name>``.
+    ``./work_dirs/<config name>``. The result passes
+    :func:`~poolformer_seg.engine.config_check.check_config`.
     """
     quiet_known_warnings()
-    cfg = Config.fromfile(args.config)
+    cfg = read_config(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
+    check_config(cfg, args.config)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:

@@ -2,6 +2,7 @@ from .backbones import MetaFormer, PoolFormer
 from .decode_heads import FastFPNHead
 from .losses import resized_cross_entropy
 from .necks import FastFPN
+from .segmentors import RowwiseEncoderDecoder, resized_argmax
 
 __all__ = ['MetaFormer', 'PoolFormer', 'FastFPN', 'FastFPNHead',
-           'resized_cross_entropy']
+           'resized_cross_entropy', 'RowwiseEncoderDecoder', 'resized_argmax']

@@ -3,6 +3,7 @@
 Reference: mmseg's own ``mmseg.apis.inference_model`` on the same model.
 """
 import copy
+import os
 
 import cv2
 import numpy as np
@@ -13,9 +14,11 @@ import poolformer_seg  # noqa: F401
 from mmseg.datasets import ADE20KDataset
 from poolformer_seg.apis import (inference_model, init_model, predict_mask,
                                  inference_transforms)
+from poolformer_seg.datasets import DataError
 from poolformer_seg.utils.loading import CheckpointMismatchError
 
 from tests.apis.tiny import TINY_MODEL, save_random_checkpoint
+from tests.helpers.hang_guard import hang_guard
 
 
 @pytest.fixture(scope='module')
@@ -62,8 +65,21 @@ def test_matches_mmseg_inference_model(tiny, tmp_path):
     reference_model.cfg.test_pipeline = \
         model.cfg.test_dataloader.dataset.pipeline
     reference = mmseg_inference_model(reference_model, path)
+    torch.testing.assert_close(ours.pred_sem_seg.data,
+                               reference.pred_sem_seg.data)
+    assert 'seg_logits' not in ours  # the row-by-row label map only
+    rowwise = ours.pred_sem_seg.data
+    # with keep_seg_logits: mmseg's full-size logits, and the same labels
+    model.keep_seg_logits = reference_model.keep_seg_logits = True
+    try:
+        ours = inference_model(model, path)
+        reference = mmseg_inference_model(reference_model, path)
+    finally:
+        model.keep_seg_logits = False
+    torch.testing.assert_close(rowwise, ours.pred_sem_seg.data)
     torch.testing.assert_close(ours.seg_logits.data,
                                reference.seg_logits.data)
+    assert ours.seg_logits.data.shape == (150, 90, 64)
     torch.testing.assert_close(ours.pred_sem_seg.data,
                                reference.pred_sem_seg.data)
 
@@ -132,3 +148,18 @@ def test_bad_inputs_are_named(tiny, tmp_path):
         predict_mask(model, np.zeros((8, 8), np.uint8))
     with pytest.raises(FileNotFoundError, match='config file not found'):
         init_model(str(tmp_path / 'missing.py'))
+
+
+def test_unusable_image_files_are_named(tiny, tmp_path):
+    """A named pipe blocked the loader forever; an empty file gave an
+    OpenCV/mmcv assertion without the path."""
+    _, _, model = tiny
+    pipe, empty = tmp_path / 'pipe.jpg', tmp_path / 'empty.jpg'
+    os.mkfifo(pipe)
+    empty.write_bytes(b'')
+    with hang_guard(), pytest.raises(
+            DataError, match=f'image file {pipe} is a named pipe'):
+        predict_mask(model, str(pipe))
+    with pytest.raises(DataError,
+                       match=rf'image file {empty} is empty \(0 bytes\)'):
+        predict_mask(model, empty)

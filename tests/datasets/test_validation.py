@@ -107,8 +107,62 @@ def test_missing_annotation(tmp_path):
     assert 'Add the annotations or remove these images' in str(err.value)
 
 
+def test_upper_case_extensions_are_found_once(tmp_path):
+    """mmseg lists ``img_suffix='.jpg'`` case-sensitively, so a.JPG was left
+    out without a word; every case is found, each file once, and an
+    annotation with an upper-case suffix is matched too."""
+    img_a, _ = write_sample(tmp_path, 'a')
+    img_b, seg_b = write_sample(tmp_path, 'b')
+    img_c, seg_c = write_sample(tmp_path, 'c')
+    os.rename(img_b, img_b[:-4] + '.JPG')
+    os.rename(img_c, img_c[:-4] + '.Jpg')
+    os.rename(seg_c, seg_c[:-4] + '.PNG')
+    data = dataset(tmp_path)
+    assert [osp.basename(data.get_data_info(i)['img_path'])
+            for i in range(len(data))] == ['a.jpg', 'b.JPG', 'c.Jpg']
+    assert osp.basename(data.get_data_info(2)['seg_map_path']) == 'c.PNG'
+    assert data.get_data_info(1)['seg_map_path'] == seg_b
+    assert data[2]['gt_seg_map'].shape == (40, 50)
+
+
+def test_same_name_in_two_cases_is_an_error(tmp_path):
+    img_a, _ = write_sample(tmp_path, 'a')
+    with open(img_a, 'rb') as f, open(img_a[:-4] + '.JPG', 'wb') as g:
+        g.write(f.read())
+    with pytest.raises(DataError, match='differ only in letter case') as err:
+        dataset(tmp_path)
+    assert f"{img_a[:-4]}.JPG and {img_a}" in str(err.value)
+
+
+def test_named_pipe_in_split_folder_is_an_error(tmp_path):
+    write_sample(tmp_path, 'a')
+    pipe = osp.join(tmp_path, SPLIT['img_path'], 'b.jpg')
+    os.mkfifo(pipe)
+    with pytest.raises(DataError) as err:
+        dataset(tmp_path)
+    assert f'{pipe} is a named pipe (FIFO)' in str(err.value)
+
+
 # ----------------------------------------------------------------------------
 # Checked when a sample is loaded
+
+
+@pytest.mark.parametrize('pipeline', ['train_pipeline', 'test_pipeline'])
+@pytest.mark.parametrize('empty', ['annotation', 'image'])
+def test_zero_byte_file_names_the_file(tmp_path, pipeline, empty):
+    """Was an OpenCV assertion (``!buf.empty()``) without a path. Found when
+    the dataset is built, and when the file is emptied afterwards."""
+    img_path, seg_path = write_sample(tmp_path)
+    path = seg_path if empty == 'annotation' else img_path
+    steps = Config.fromfile(S12_CONFIG)[pipeline]
+    data = dataset(tmp_path, pipeline=steps)
+    open(path, 'wb').close()
+    with pytest.raises(DataError) as err:
+        data[0]
+    assert str(err.value).startswith(f'{empty} {path} is empty (0 bytes); '
+                                     're-download it or remove it')
+    with pytest.raises(DataError, match=f'cannot be read: {path} is empty'):
+        dataset(tmp_path, pipeline=steps)
 
 
 def _jpeg(size=(40, 50)):

@@ -1,4 +1,5 @@
 """Atomic writes and the choice of the checkpoint that --resume loads."""
+import errno
 import os
 
 import pytest
@@ -14,13 +15,14 @@ from poolformer_seg.engine import (AtomicLocalBackend, atomic_write,
 class _HalfThenFullDisk:
     """File object that writes half of what it is given, then fails."""
 
-    def __init__(self, f):
+    def __init__(self, f, code=errno.ENOSPC):
         self._f = f
+        self._code = code
 
     def write(self, data):
         self._f.write(data[:len(data) // 2])
         self._f.flush()
-        raise OSError(28, 'No space left on device')
+        raise OSError(self._code, os.strerror(self._code))
 
     def __getattr__(self, name):
         return getattr(self._f, name)
@@ -32,9 +34,9 @@ class _HalfThenFullDisk:
         self._f.close()
 
 
-def fail_half_way(monkeypatch, target_suffix, after=0):
-    """Make atomic_write of files ending in ``target_suffix`` die half-way,
-    once ``after`` such writes have succeeded."""
+def fail_half_way(monkeypatch, target_suffix, after=0, code=errno.ENOSPC):
+    """Make atomic_write of files ending in ``target_suffix`` die half-way
+    with OSError ``code``, once ``after`` such writes have succeeded."""
     seen = []
 
     def fake_open(path, mode='r', *args, **kwargs):
@@ -43,7 +45,7 @@ def fail_half_way(monkeypatch, target_suffix, after=0):
         if not base.endswith(target_suffix):
             return f
         seen.append(path)
-        return _HalfThenFullDisk(f) if len(seen) > after else f
+        return _HalfThenFullDisk(f, code) if len(seen) > after else f
 
     monkeypatch.setattr(atomic, 'open', fake_open, raising=False)
 
@@ -56,6 +58,26 @@ def test_atomic_write_failure_keeps_old_content(tmp_path, monkeypatch):
         atomic_write(path, 'new content that is long')
     assert path.read_text() == 'old'
     assert os.listdir(tmp_path) == ['last_checkpoint']  # no temp file left
+
+
+@pytest.mark.parametrize('code', [errno.ENOSPC, errno.EFBIG])
+def test_full_disk_error_names_the_file(tmp_path, monkeypatch, code):
+    """The OS says only "No space left on device" / "File too large"; the
+    error names the checkpoint, its size and what to do, and keeps the
+    errno, so callers that test it still work."""
+    path = tmp_path / 'iter_8.pth'
+    atomic_write(path, b'old')
+    fail_half_way(monkeypatch, '.pth', code=code)
+    backend = get_file_backend(str(path), backend_args=dict(
+        backend='local_atomic'))
+    with pytest.raises(OSError) as err:
+        backend.put(b'x' * 3 * 2**20, str(path))
+    assert err.value.errno == code
+    message = str(err.value)
+    assert f'cannot save {path} (3.0 MB): {os.strerror(code)}' in message
+    assert 'free space in' in message and '--work-dir' in message
+    assert path.read_bytes() == b'old'
+    assert os.listdir(tmp_path) == ['iter_8.pth']
 
 
 def test_atomic_backend_is_registered(tmp_path):

@@ -18,6 +18,7 @@ from poolformer_seg.apis.complexity import count_flops, count_parameters
 
 from tests.apis.tiny import TINY_MODEL
 from tests.conftest import REPO, TRAIN_ITERS
+from tests.helpers.hang_guard import hang_guard
 
 # Built-model counts of mmseg 1.x's PoolFormer segmentors (150 classes),
 # see /work/shared/reference/upstream.md section 1.2.
@@ -226,3 +227,35 @@ def test_confusion_matrix_reports_missing_predictions(
     with pytest.raises(SystemExit, match='no prediction .*png'):
         load_tool('analysis/confusion_matrix.py').main(
             [config, str(partial), '--out-dir', str(tmp_path / 'o')])
+
+
+@pytest.mark.parametrize('kind', ['pipe', 'empty', 'not an image'])
+def test_confusion_matrix_refuses_unusable_predictions(
+        noisy_predictions, load_tool, tmp_path, kind):
+    """A named pipe was reported as a missing prediction, an empty or
+    damaged file ended in PIL's UnidentifiedImageError traceback."""
+    config, pred_dir, _ = noisy_predictions
+    broken = tmp_path / 'broken'
+    shutil.copytree(pred_dir, broken)
+    victim = broken / sorted(os.listdir(broken))[0]
+    os.remove(victim)
+    if kind == 'pipe':
+        os.mkfifo(victim)
+    else:
+        victim.write_bytes(b'' if kind == 'empty' else b'no PNG at all')
+    expected = {'pipe': 'is a named pipe', 'empty': r'is empty \(0 bytes\)',
+                'not an image': 'cannot be decoded'}[kind]
+    with hang_guard(), pytest.raises(
+            SystemExit, match=f'prediction {victim} {expected}.*tools/test.py'
+            ' --out'):
+        load_tool('analysis/confusion_matrix.py').main(
+            [config, str(broken), '--out-dir', str(tmp_path / 'o')])
+
+
+def test_plot_curves_refuses_a_named_pipe(load_tool, tmp_path):
+    pipe = tmp_path / 'scalars.json'
+    os.mkfifo(pipe)
+    with hang_guard(), pytest.raises(SystemExit,
+                                     match=f'{pipe} is a named pipe'):
+        load_tool('analysis/plot_curves.py').main(
+            [str(pipe), '--out', str(tmp_path / 'x.png')])

@@ -12,8 +12,10 @@ import pytest
 import poolformer_seg  # noqa: F401
 from mmseg.datasets import ADE20KDataset
 from poolformer_seg.apis import colorize_mask, init_model, predict_mask
+from poolformer_seg.engine import run_tool
 
 from tests.apis.tiny import TINY_MODEL, save_random_checkpoint
+from tests.helpers.hang_guard import hang_guard
 
 PALETTE = np.array(ADE20KDataset.METAINFO['palette'], np.uint8)
 
@@ -99,12 +101,75 @@ def test_outputs_agree_with_the_api(tool_output, tiny, photos):
 
 def test_glob_and_single_file_inputs(load_tool, photos):
     tool = load_tool('inference.py')
-    found = tool.collect_images(osp.join(photos, '**', '*.jpg'))
-    assert [name for _, name in found] == ['a', 'sub/b']
-    assert tool.collect_images(osp.join(photos, 'sub', 'b.jpg')) == [
-        (osp.join(photos, 'sub', 'b.jpg'), 'b')]
-    with pytest.raises(FileNotFoundError, match='no image files'):
+    found, skipped = tool.collect_images(osp.join(photos, '**', '*.jpg'))
+    assert [name for _, name in found] == ['a', 'sub/b'] and skipped == []
+    assert tool.collect_images(osp.join(photos, 'sub', 'b.jpg')) == ([
+        (osp.join(photos, 'sub', 'b.jpg'), 'b')], [])
+    with pytest.raises(FileNotFoundError, match='no usable image files'):
         tool.collect_images(osp.join(photos, '*.png'))
+
+
+@pytest.fixture
+def odd_folder(photos, tmp_path):
+    """a.jpg, an upper-case B.JPG, a named pipe c.jpg, an empty d.png, an
+    e.png that is not an image."""
+    folder = tmp_path / 'odd'
+    folder.mkdir()
+    shutil.copy(osp.join(photos, 'a.jpg'), folder / 'a.jpg')
+    shutil.copy(osp.join(photos, 'sub', 'b.jpg'), folder / 'B.JPG')
+    os.mkfifo(folder / 'c.jpg')
+    (folder / 'd.png').write_bytes(b'')
+    (folder / 'e.png').write_bytes(b'not a PNG')
+    return folder
+
+
+def test_folder_with_named_pipe_does_not_hang(load_tool, tiny, odd_folder,
+                                              tmp_path, capsys):
+    """The named pipe, the empty file and the undecodable one are skipped,
+    each with a warning naming it; the others (B.JPG included) are
+    segmented; exit status 1, listing the skipped ones."""
+    tool = load_tool('inference.py')
+    out = tmp_path / 'out'
+    with hang_guard(), pytest.raises(SystemExit) as stop:
+        run_tool(tool.main, [*tiny, str(odd_folder), '--out-dir', str(out),
+                             '--device', 'cpu'])
+    assert stop.value.code == 1
+    captured = capsys.readouterr()
+    assert 'wrote 6 files for 2 image(s)' in captured.out
+    assert sorted(os.listdir(out)) == [
+        'B_legend.png', 'B_mask.png', 'B_overlay.png', 'a_legend.png',
+        'a_mask.png', 'a_overlay.png']
+    lines = captured.err.strip().splitlines()
+    assert lines[0] == (f'warning: skipped {odd_folder}/c.jpg: it is a named '
+                        'pipe (FIFO), which would block the reader, not a '
+                        'regular file')
+    assert lines[1] == (f'warning: skipped {odd_folder}/d.png: it is empty '
+                        '(0 bytes)')
+    assert (f'warning: skipped {odd_folder}/e.png: input image '
+            f'{odd_folder}/e.png cannot be decoded: it is damaged or not an '
+            'image') in lines  # amid the progress bar's lines
+    error, = [line for line in lines if line.startswith('error:')]
+    assert error.startswith('error: DataError: 3 of 5 inputs were skipped')
+
+
+@pytest.mark.parametrize('kind', ['pipe', 'empty', 'not an image'])
+def test_unusable_input_file_is_refused_with_its_path(load_tool, tiny,
+                                                      tmp_path, capsys, kind):
+    tool = load_tool('inference.py')
+    path = tmp_path / 'photo.jpg'
+    if kind == 'pipe':
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b'' if kind == 'empty' else b'GIF? no')
+    with hang_guard(), pytest.raises(SystemExit) as stop:
+        run_tool(tool.main, [*tiny, str(path), '--out-dir',
+                             str(tmp_path / 'out'), '--device', 'cpu'])
+    assert stop.value.code == 1
+    expected = {'pipe': 'is a named pipe (FIFO)', 'empty': 'is empty',
+                'not an image': 'cannot be decoded'}[kind]
+    error = capsys.readouterr().err.splitlines()[0]
+    assert error.startswith(f'error: DataError: input image {path} '
+                            f'{expected}'), error
 
 
 def test_bad_opacity_is_rejected(load_tool, capsys):

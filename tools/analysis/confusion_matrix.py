@@ -41,6 +41,8 @@ from mmseg.registry import DATASETS  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from poolformer_seg.apis import load_config  # noqa: E402
+from poolformer_seg.datasets import DataError, check_input_file  # noqa: E402
+from poolformer_seg.engine import add_debug_argument, run_tool  # noqa: E402
 
 
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int,
@@ -80,10 +82,17 @@ def metrics(matrix: np.ndarray) -> dict:
 
 def load_prediction(path: str, reduce_zero_label: bool) -> np.ndarray:
     """Read a ``tools/test.py --out`` PNG back into model class indices."""
-    if not osp.isfile(path):
+    if not osp.lexists(path):
         raise FileNotFoundError(f'no prediction {path} (run tools/test.py '
                                 '--out on the same test set)')
-    pred = np.asarray(Image.open(path)).astype(np.int64)
+    rerun = 'write it again with tools/test.py --out'
+    check_input_file(path, 'prediction', fix=rerun)
+    try:
+        with Image.open(path) as image:
+            pred = np.asarray(image).astype(np.int64)
+    except (OSError, SyntaxError) as err:  # PIL: damaged or not an image
+        raise DataError(f'prediction {path} cannot be decoded ({err}); '
+                        f'{rerun}') from None
     if pred.ndim != 2:
         raise ValueError(f'{path}: expected a single-channel label PNG')
     if reduce_zero_label:  # IoUMetric saved label + 1
@@ -186,6 +195,7 @@ def parse_args(argv=None):
                         'frequent in the ground truth first (default: 40)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value')
+    add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -215,4 +225,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

@@ -19,6 +19,7 @@ from mmengine.config import DictAction
 
 from poolformer_seg.apis.complexity import count_flops, count_parameters
 from poolformer_seg.apis.inference import build_segmentor
+from poolformer_seg.engine import add_debug_argument, run_tool
 
 
 def parse_args(argv=None):
@@ -35,6 +36,7 @@ def parse_args(argv=None):
                         help='also write the numbers to a JSON file')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value')
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     if len(args.shape) == 1:
         args.shape = args.shape * 2
@@ -86,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

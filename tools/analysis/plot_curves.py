@@ -26,13 +26,17 @@ import matplotlib
 matplotlib.use('Agg')  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from poolformer_seg.datasets import check_input_file  # noqa: E402
+from poolformer_seg.engine import add_debug_argument, run_tool  # noqa: E402
 
 Curve = Tuple[List[int], List[float]]
 
 
 def find_scalar_files(run: str) -> List[str]:
     """The ``scalars.json`` files of a run, oldest first."""
-    if osp.isfile(run):
+    if osp.lexists(run) and not osp.isdir(run):
+        check_input_file(run, 'scalars file',
+                         fix='pass a work dir or a scalars.json file')
         return [run]
     if not osp.isdir(run):
         raise FileNotFoundError(f'run {run!r} is neither a work dir nor a '
@@ -128,6 +132,7 @@ def parse_args(argv=None):
     parser.add_argument('--out', default='curves.png',
                         help='output image (default: curves.png)')
     parser.add_argument('--title', help='figure title')
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         parser.error(f'--labels needs one name per run ({len(args.runs)}), '
@@ -155,4 +160,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

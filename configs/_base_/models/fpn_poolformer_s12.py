@@ -22,8 +22,13 @@ data_preprocessor = dict(
     bgr_to_rgb=True,
     pad_val=0,
     seg_pad_val=255)
+# RowwiseEncoderDecoder is mmseg's EncoderDecoder (same layers and weights)
+# whose label map at the photo's size is computed one row at a time:
+# memory grows with the photo, not with 150 x the photo, and data samples
+# carry no full-size seg_logits unless keep_seg_logits=True
+# (docs/inference.md).
 model = dict(
-    type='EncoderDecoder',
+    type='RowwiseEncoderDecoder',
     data_preprocessor=data_preprocessor,
     backbone=dict(
         type='PoolFormer',

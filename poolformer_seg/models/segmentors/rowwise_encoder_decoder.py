@@ -1,0 +1,163 @@
+"""An ``EncoderDecoder`` whose label map costs memory in proportion to the
+image, not to 150 x the image.
+
+mmseg's ``EncoderDecoder.postprocess_result`` resizes the logits of all
+classes to the original image size in fp32 and keeps them as ``seg_logits``
+next to the labels: ``4 * num_classes`` bytes per pixel, 14.4 GB for a
+6000x4000 photo and 150 classes, although only their arg-max is used.
+:func:`resized_argmax` computes the same bilinear resize and arg-max one
+output row at a time, so that only a few rows of full-width scores exist.
+"""
+from typing import Optional
+
+import torch
+from mmengine.structures import PixelData
+from mmseg.models.segmentors import EncoderDecoder, SegTTAModel
+from mmseg.registry import MODELS
+
+__all__ = ['RowwiseEncoderDecoder', 'FullLogitsSegTTAModel', 'resized_argmax',
+           'source_positions']
+
+def source_positions(in_size: int, out_size: int, align_corners: bool,
+                     device=None):
+    """For each output index of a bilinear resize along one axis: the two
+    input indices and their weights, ``(i0, i1, w0, w1)``.
+
+    The positions follow PyTorch's ``upsample_bilinear2d`` (what
+    ``F.interpolate`` and mmseg's ``resize`` run): with ``align_corners``
+    output ``d`` maps to ``d * (in - 1) / (out - 1)``, without it to
+    ``(d + 0.5) * in / out - 0.5``, clamped at 0; ``i1 = i0 + 1`` except at
+    the last input index. PyTorch's compiled kernel evaluates the latter as a
+    fused multiply-add, reproduced here by computing it in float64 and
+    rounding once.
+    """
+    out = torch.arange(out_size, dtype=torch.float32, device=device)
+    if align_corners:
+        scale = torch.tensor((in_size - 1) / (out_size - 1)
+                             if out_size > 1 else 0., device=device)
+        source = scale * out
+    else:
+        scale = torch.tensor(float(in_size), device=device) / out_size
+        source = (scale.double() * (out + 0.5).double() - 0.5).float()
+        source = source.clamp_min(0)
+    i0 = source.floor().long().clamp_max(in_size - 1)
+    w1 = (source - i0).clamp(0, 1)
+    i1 = i0 + (i0 < in_size - 1).long()
+    return i0, i1, 1 - w1, w1
+
+
+def resized_argmax(logits: torch.Tensor, size, align_corners: bool,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``argmax`` over classes of ``logits`` resized bilinearly to ``size``,
+    computed one output row at a time.
+
+    As in PyTorch's kernel, output row ``r`` blends input rows ``i0[r]`` and
+    ``i1[r]`` (weights ``w0[r]``, ``w1[r]``; :func:`source_positions`),
+    each resized along the width first. Input rows are resized along the
+    width when a row first needs them and kept while the next row may (the
+    rows move forward monotonically), so each is resized once, and only two
+    input rows and one output row of ``W x C`` scores exist at a time. All
+    arithmetic is element-wise: ``x0 * w0 + x1 * w1`` per pixel and class,
+    each product and sum rounded once, so the result does not depend on how
+    the image is cut into rows; ``tests/models/segmentors`` compares it with
+    the same formula evaluated on the whole image at once. Against
+    ``F.interpolate`` + ``argmax`` (mmseg): the scores agree to a few fp32
+    ulps (the compiled kernel fuses some multiply-adds), so labels can differ
+    only where the two best classes are that close (2 pixels in 10 million
+    in the tests).
+
+    Args:
+        logits: ``C x h x w`` float scores of one image.
+        size: ``(H, W)`` output size.
+        align_corners: as the decode head's.
+        out: optional ``H x W`` int64 tensor to write the labels into.
+
+    Returns:
+        ``H x W`` int64 class indices (``out`` if given).
+    """
+    height, width = size
+    device, dtype = logits.device, logits.dtype
+    if out is None:
+        out = torch.empty(size, dtype=torch.long, device=device)
+    rows0, rows1, row_w0, row_w1 = source_positions(
+        logits.shape[1], height, align_corners, device)
+    cols0, cols1, col_w0, col_w1 = source_positions(
+        logits.shape[2], width, align_corners, device)
+    col_w0, col_w1 = col_w0.to(dtype)[:, None], col_w1.to(dtype)[:, None]
+    row_w0, row_w1 = row_w0.to(dtype), row_w1.to(dtype)
+    resized = {}  # input row -> W x C scores, the rows still needed
+
+    def wide(index):
+        if index not in resized:
+            row = logits[:, index].t().contiguous()  # w x C
+            left = row.index_select(0, cols0).mul_(col_w0)
+            resized[index] = left.add_(row.index_select(0, cols1)
+                                       .mul_(col_w1))
+        return resized[index]
+
+    upper = lower = None
+    for r, (i0, i1) in enumerate(zip(rows0.tolist(), rows1.tolist())):
+        for index in [i for i in resized if i < i0]:
+            del resized[index]
+        upper = torch.mul(wide(i0), row_w0[r], out=upper)
+        lower = torch.mul(wide(i1), row_w1[r], out=lower)
+        torch.argmax(upper.add_(lower), dim=1, out=out[r])
+    return out
+
+
+@MODELS.register_module()
+class RowwiseEncoderDecoder(EncoderDecoder):
+    """mmseg's ``EncoderDecoder`` whose predictions at the original image
+    size are computed by :func:`resized_argmax`.
+
+    Same arguments, layers, state-dict keys and ``pred_sem_seg`` as
+    ``EncoderDecoder``, plus:
+
+    Args:
+        keep_seg_logits (bool): also return ``seg_logits``, the
+            ``C x H x W`` fp32 scores at the original size, computed as
+            mmseg does (and costing what it costs: 4 * C bytes per pixel).
+            Needed by ``SegTTAModel``, which averages them over the
+            augmented views (:class:`FullLogitsSegTTAModel`, the configs'
+            ``tta_model``, turns it on). Default False: data samples carry
+            ``pred_sem_seg`` only.
+    """
+
+    def __init__(self, *args, keep_seg_logits: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_seg_logits = keep_seg_logits
+
+    def postprocess_result(self, seg_logits, data_samples=None):
+        if self.keep_seg_logits or data_samples is None or \
+                seg_logits.shape[1] == 1:  # sigmoid head: mmseg's threshold
+            return super().postprocess_result(seg_logits, data_samples)
+        height, width = seg_logits.shape[2:]
+        for logits, sample in zip(seg_logits, data_samples):
+            meta = sample.metainfo
+            left, right, top, bottom = meta.get(
+                'img_padding_size', meta.get('padding_size', [0] * 4))
+            logits = logits[:, top:height - bottom, left:width - right]
+            if meta.get('flip', False):
+                direction = meta.get('flip_direction')
+                if direction not in ('horizontal', 'vertical'):
+                    raise ValueError(f'flip_direction must be horizontal or '
+                                     f'vertical, got {direction!r}')
+                logits = logits.flip(2 if direction == 'horizontal' else 1)
+            labels = resized_argmax(logits, meta['ori_shape'][:2],
+                                    self.align_corners)
+            sample.set_data(dict(pred_sem_seg=PixelData(data=labels[None])))
+        return data_samples
+
+
+@MODELS.register_module()
+class FullLogitsSegTTAModel(SegTTAModel):
+    """mmseg's ``SegTTAModel`` that turns on ``keep_seg_logits`` of its
+    segmentor: it averages the views' full-size ``seg_logits``, which a
+    :class:`RowwiseEncoderDecoder` otherwise does not return. Test-time
+    augmentation therefore costs mmseg's memory (4 * C bytes per pixel and
+    view)."""
+
+    def __init__(self, module, *args, **kwargs):
+        super().__init__(module, *args, **kwargs)
+        if isinstance(self.module, RowwiseEncoderDecoder):
+            self.module.keep_seg_logits = True
