@@ -216,21 +216,18 @@ def check_num_classes(cfg: Config) -> None:
 
 
 def _backbone_out_channels(backbone: dict) -> Optional[List[int]]:
-    """Channels of each output of a PoolFormer backbone config, or None for
-    other backbones (they are built to find out)."""
+    """Channels of each output of a PoolFormer or MetaFormer backbone
+    config, or None for other backbones (they are built to find out)."""
     from mmseg.registry import MODELS
 
-    from poolformer_seg.models.backbones.poolformer import (PoolFormer,
-                                                             resolve_arch)
+    from poolformer_seg.models.backbones.base import StagedBackbone
     backbone_cls = MODELS.get(backbone.get('type')) \
         if isinstance(backbone.get('type'), str) else backbone.get('type')
     if not (isinstance(backbone_cls, type)
-            and issubclass(backbone_cls, PoolFormer)):
+            and issubclass(backbone_cls, StagedBackbone)):
         return None
-    dims = resolve_arch(backbone.get('arch', 's12'))['embed_dims']
-    indices = PoolFormer._check_out_indices(
-        backbone.get('out_indices', (0, 1, 2, 3)))
-    return [dims[i] for i in indices]
+    return backbone_cls.output_channels(
+        backbone.get('arch'), backbone.get('out_indices', (0, 1, 2, 3)))
 
 
 def check_neck_channels(cfg: Config) -> None:

@@ -51,3 +51,13 @@ def test_variables_of_ones_own_pass_unless_near_misses():
     check_config(Config(dict(my_crop=(1, 2), palette_file='x', lr=0.1)))
     with pytest.raises(ConfigError, match="'val_evaluatr'.*'val_evaluator'"):
         check_config(Config(dict(val_evaluatr=dict())))
+
+
+
+def test_neck_channels_checked_for_metaformer_backbones():
+    path = osp.join(REPO, 'configs', 'fpn_poolformerv2_m36_ade20k.py')
+    cfg = read_config(path)
+    check_config(cfg, path)  # m36 widths: [96, 192, 384, 768]
+    cfg.model.neck.in_channels = [64, 128, 320, 512]  # the s12 widths
+    with pytest.raises(ConfigError, match=r'model\.neck\.in_channels'):
+        check_config(cfg, path)

@@ -30,19 +30,19 @@ output norms ``norm{i}``; the original sail-sg checkpoints are converted by
 """
 import copy
 import difflib
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks import DropPath
-from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 
 from ...utils.loading import load_pretrained_metaformer
+from .base import (NUM_STAGES, StagedBackbone, check_drop_path_rate,
+                   check_frozen_stages, check_out_indices)
 
-NUM_STAGES = 4
 TOKEN_MIXERS = ('identity', 'pool', 'sepconv', 'attention')
 BLOCK_NORMS = ('gn', 'ln')
 _S, _M = [64, 128, 320, 512], [96, 192, 384, 768]
@@ -369,7 +369,7 @@ class MetaFormerStage(nn.Module):
 
 
 @MODELS.register_module()
-class MetaFormer(BaseModule):
+class MetaFormer(StagedBackbone):
     """MetaFormer backbone returning multi-scale features.
 
     Args:
@@ -414,6 +414,9 @@ class MetaFormer(BaseModule):
     ``out_indices``, in increasing stage order.
     """
 
+    resolve_arch = staticmethod(resolve_arch)
+    EVAL_NORMS = (BlockNorm, nn.LayerNorm)
+
     def __init__(self,
                  arch: Union[str, dict] = 'caformer_s18',
                  in_channels: int = 3,
@@ -429,14 +432,9 @@ class MetaFormer(BaseModule):
         super().__init__(init_cfg=init_cfg)
         self.arch_name = arch if isinstance(arch, str) else 'custom'
         self.arch = resolve_arch(arch)
-        self.out_indices = _check_out_indices(out_indices)
-        if not isinstance(frozen_stages, int) or \
-                not -1 <= frozen_stages <= NUM_STAGES:
-            raise ValueError(f'frozen_stages must be an int in [-1, '
-                             f'{NUM_STAGES}], got {frozen_stages!r}')
-        if not 0. <= drop_path_rate < 1.:
-            raise ValueError(f'drop_path_rate must be in [0, 1), got '
-                             f'{drop_path_rate}')
+        self.out_indices = check_out_indices(out_indices)
+        check_frozen_stages(frozen_stages)
+        check_drop_path_rate(drop_path_rate)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_cp = with_cp
@@ -492,36 +490,6 @@ class MetaFormer(BaseModule):
                 features.append(x)
         return features
 
-    def forward(self, x) -> Tuple[torch.Tensor, ...]:
-        features = self.stage_features(x)
-        return tuple(getattr(self, f'norm{i}')(feature)
-                     for i, feature in zip(self.out_indices, features))
-
-    def _frozen_modules(self) -> List[nn.Module]:
-        if self.frozen_stages < 0:
-            return []
-        modules = [self.stem]
-        for i in range(self.frozen_stages):
-            modules.append(self.stages[i])
-            if i in self.out_indices:
-                modules.append(getattr(self, f'norm{i}'))
-        return modules
-
-    def _freeze_stages(self):
-        for module in self._frozen_modules():
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, (BlockNorm, nn.LayerNorm)):
-                    module.eval()
-        return self
-
     def describe(self) -> str:
         """``MetaFormer(arch='caformer_s18')``, or the custom arch's lists,
         for log lines and errors."""
@@ -539,22 +507,3 @@ class MetaFormer(BaseModule):
             self._is_init = True
             return
         super().init_weights()
-
-
-def _check_out_indices(out_indices) -> Tuple[int, ...]:
-    if isinstance(out_indices, int):
-        out_indices = (out_indices, )
-    if not isinstance(out_indices, Sequence) or not out_indices:
-        raise ValueError('out_indices must be a non-empty sequence of stage '
-                         f'indices, got {out_indices!r}')
-    resolved = []
-    for index in out_indices:
-        if not isinstance(index, int) or not -NUM_STAGES <= index < NUM_STAGES:
-            raise ValueError(
-                f'out_indices entry {index!r} is out of range: stages are '
-                f'counted 0..{NUM_STAGES - 1} (or -{NUM_STAGES}..-1)')
-        resolved.append(index % NUM_STAGES)
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f'out_indices {tuple(out_indices)} names a stage '
-                         'twice')
-    return tuple(sorted(resolved))

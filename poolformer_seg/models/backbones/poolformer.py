@@ -34,12 +34,13 @@ import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks import DropPath
 from mmengine.logging import print_log
-from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 
 from ...compat import register_load_state_dict_pre_hook
 from ...utils.layouts import conversion_message, convert_prefixed_keys
 from ...utils.loading import load_pretrained
+from .base import (NUM_STAGES, StagedBackbone, check_drop_path_rate,
+                   check_frozen_stages, check_out_indices)
 from .fast_ops import fused_block
 
 # Published variants. `layer_scale_init_value` is 1e-6 for the deeper ones.
@@ -62,7 +63,6 @@ ARCH_DEFAULTS = dict(
     stem_patch_size=7, stem_stride=4, stem_padding=2,
     down_patch_size=3, down_stride=2, down_padding=1)
 ARCH_REQUIRED = ('layers', 'embed_dims')
-NUM_STAGES = 4
 
 
 def resolve_arch(arch: Union[str, dict]) -> dict:
@@ -217,7 +217,7 @@ class PoolFormerStage(nn.Module):
 
 
 @MODELS.register_module()
-class PoolFormer(BaseModule):
+class PoolFormer(StagedBackbone):
     """PoolFormer backbone returning multi-scale features.
 
     Args:
@@ -271,6 +271,10 @@ class PoolFormer(BaseModule):
     ``out_indices``, in increasing stage order.
     """
 
+    resolve_arch = staticmethod(resolve_arch)
+    EVAL_NORMS = (nn.GroupNorm, nn.LayerNorm,
+                  nn.modules.batchnorm._BatchNorm)
+
     def __init__(self,
                  arch: Union[str, dict] = 's12',
                  in_channels: int = 3,
@@ -291,14 +295,9 @@ class PoolFormer(BaseModule):
                      val=1., bias=0.)]
         super().__init__(init_cfg=init_cfg)
         self.arch = resolve_arch(arch)
-        self.out_indices = self._check_out_indices(out_indices)
-        if not isinstance(frozen_stages, int) or \
-                not -1 <= frozen_stages <= NUM_STAGES:
-            raise ValueError(f'frozen_stages must be an int in [-1, '
-                             f'{NUM_STAGES}], got {frozen_stages!r}')
-        if not 0. <= drop_path_rate < 1.:
-            raise ValueError(f'drop_path_rate must be in [0, 1), got '
-                             f'{drop_path_rate}')
+        self.out_indices = check_out_indices(out_indices)
+        check_frozen_stages(frozen_stages)
+        check_drop_path_rate(drop_path_rate)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_cp = with_cp
@@ -340,26 +339,6 @@ class PoolFormer(BaseModule):
         # our weights differently; convert them wherever load_state_dict runs
         # (tools/test.py, load_from, resume, inference API).
         register_load_state_dict_pre_hook(self, self._convert_on_load)
-
-    @staticmethod
-    def _check_out_indices(out_indices) -> Tuple[int, ...]:
-        if isinstance(out_indices, int):
-            out_indices = (out_indices, )
-        if not isinstance(out_indices, Sequence) or not out_indices:
-            raise ValueError('out_indices must be a non-empty sequence of '
-                             f'stage indices, got {out_indices!r}')
-        resolved = []
-        for index in out_indices:
-            if not isinstance(index, int) or \
-                    not -NUM_STAGES <= index < NUM_STAGES:
-                raise ValueError(
-                    f'out_indices entry {index!r} is out of range: stages '
-                    f'are counted 0..{NUM_STAGES - 1} (or -{NUM_STAGES}..-1)')
-            resolved.append(index % NUM_STAGES)
-        if len(set(resolved)) != len(resolved):
-            raise ValueError(f'out_indices {tuple(out_indices)} names a stage '
-                             'twice')
-        return tuple(sorted(resolved))
 
     def _check_fusable(self):
         norm = self.stages[0].blocks[0].norm1
@@ -410,37 +389,6 @@ class PoolFormer(BaseModule):
         if self.use_compile:
             return _compiled_forward()(self, x)
         return self._forward(x)
-
-    def _forward(self, x) -> Tuple[torch.Tensor, ...]:
-        features = self.stage_features(x)
-        return tuple(getattr(self, f'norm{i}')(feature)
-                     for i, feature in zip(self.out_indices, features))
-
-    def _frozen_modules(self) -> List[nn.Module]:
-        if self.frozen_stages < 0:
-            return []
-        modules = [self.stem]
-        for i in range(self.frozen_stages):
-            modules.append(self.stages[i])
-            if i in self.out_indices:
-                modules.append(getattr(self, f'norm{i}'))
-        return modules
-
-    def _freeze_stages(self):
-        for module in self._frozen_modules():
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, (nn.GroupNorm, nn.LayerNorm,
-                                       nn.modules.batchnorm._BatchNorm)):
-                    module.eval()
-        return self
 
     @staticmethod
     def convert_checkpoint_keys(state_dict: dict, prefix: str = ''):
