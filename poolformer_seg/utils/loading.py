@@ -141,14 +141,8 @@ def load_pretrained(model: torch.nn.Module, checkpoint: str,
         list[str]: the log lines: the layout found, missing and unexpected
         keys, and the output norms that stay at their initialisation.
     """
-    state_dict = unwrap_state_dict(read_checkpoint(checkpoint))
-    if prefix:
-        selected = strip_prefix(state_dict, prefix)
-        if not selected:
-            raise CheckpointError(
-                f'{checkpoint}: no key starts with prefix={prefix!r}; first '
-                f'keys: {format_keys(state_dict, 5)}')
-        state_dict = selected
+    state_dict = _under_prefix(unwrap_state_dict(read_checkpoint(checkpoint)),
+                               checkpoint, prefix)
     try:
         conversion = convert_backbone(state_dict)
     except CheckpointError as err:
@@ -197,14 +191,20 @@ def _select_backbone(state_dict: dict, checkpoint: str,
         if outside:
             notes.append(f"ignored keys outside 'backbone.': "
                          f'{", ".join(outside)}')
-    if prefix:
-        selected = strip_prefix(state_dict, prefix)
-        if not selected:
-            raise CheckpointError(
-                f'{checkpoint}: no key starts with prefix={prefix!r}; first '
-                f'keys: {format_keys(state_dict, 5)}')
-        state_dict = selected
-    return state_dict, notes
+    return _under_prefix(state_dict, checkpoint, prefix), notes
+
+
+def _under_prefix(state_dict: dict, checkpoint: str,
+                  prefix: Optional[str]) -> dict:
+    """The keys under ``prefix`` with it taken off (all keys without one)."""
+    if not prefix:
+        return state_dict
+    selected = strip_prefix(state_dict, prefix)
+    if not selected:
+        raise CheckpointError(
+            f'{checkpoint}: no key starts with prefix={prefix!r}; first '
+            f'keys: {format_keys(state_dict, 5)}')
+    return selected
 
 
 def load_pretrained_metaformer(model: torch.nn.Module, checkpoint: str,

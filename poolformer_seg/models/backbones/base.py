@@ -74,6 +74,28 @@ class StagedBackbone(BaseModule):
     def stage_features(self, x) -> List[torch.Tensor]:
         raise NotImplementedError
 
+    min_input_size: int = 1  # smallest height/width the stem accepts
+
+    def _check_input(self, x):
+        """A ``B x in_channels x H x W`` float tensor, big enough for the
+        stem: anything else is refused naming what is wrong."""
+        name = type(self).__name__
+        if not torch.is_tensor(x) or x.dim() != 4:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x)
+            raise ValueError(f'{name} expects a B x C x H x W tensor, got '
+                             f'{shape}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'{name} was built with in_channels='
+                             f'{self.in_channels} but the input has '
+                             f'{x.shape[1]} channels')
+        if not x.is_floating_point():
+            raise TypeError(f'{name} expects a float tensor, got '
+                            f'{x.dtype}; normalise the image first')
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(f'input {tuple(x.shape[-2:])} is smaller than '
+                             f'the minimum {self.min_input_size} px per side '
+                             'of the stem convolution')
+
     def forward(self, x) -> Tuple[torch.Tensor, ...]:
         return self._forward(x)
 

@@ -463,21 +463,7 @@ class MetaFormer(StagedBackbone):
         self.out_channels = [dims[i] for i in self.out_indices]
         self._freeze_stages()
 
-    def _check_input(self, x):
-        if not torch.is_tensor(x) or x.dim() != 4:
-            shape = tuple(x.shape) if torch.is_tensor(x) else type(x)
-            raise ValueError('MetaFormer expects a B x C x H x W tensor, got '
-                             f'{shape}')
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f'MetaFormer was built with in_channels='
-                             f'{self.in_channels} but the input has '
-                             f'{x.shape[1]} channels')
-        if not x.is_floating_point():
-            raise TypeError(f'MetaFormer expects a float tensor, got '
-                            f'{x.dtype}; normalise the image first')
-        if min(x.shape[-2:]) < 3:
-            raise ValueError(f'input {tuple(x.shape[-2:])} is smaller than '
-                             'the minimum 3 px per side of the stem')
+    min_input_size = 3  # the stem: kernel 7, padding 2
 
     def stage_features(self, x) -> List[torch.Tensor]:
         """Raw outputs (before ``norm{i}``) of the stages in out_indices."""

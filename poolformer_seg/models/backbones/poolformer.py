@@ -355,23 +355,6 @@ class PoolFormer(StagedBackbone):
         return max(1, self.arch['stem_patch_size'] -
                    2 * self.arch['stem_padding'])
 
-    def _check_input(self, x):
-        if not torch.is_tensor(x) or x.dim() != 4:
-            shape = tuple(x.shape) if torch.is_tensor(x) else type(x)
-            raise ValueError('PoolFormer expects a B x C x H x W tensor, got '
-                             f'{shape}')
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f'PoolFormer was built with in_channels='
-                             f'{self.in_channels} but the input has '
-                             f'{x.shape[1]} channels')
-        if not x.is_floating_point():
-            raise TypeError(f'PoolFormer expects a float tensor, got '
-                            f'{x.dtype}; normalise the image first')
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(f'input {tuple(x.shape[-2:])} is smaller than '
-                             f'the minimum {self.min_input_size} px per side '
-                             'of the stem convolution')
-
     def stage_features(self, x) -> List[torch.Tensor]:
         """Raw outputs (before ``norm{i}``) of the stages in out_indices."""
         self._check_input(x)
