@@ -18,12 +18,13 @@ import glob
 import os
 import os.path as osp
 import re
-import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
 from mmengine.fileio import LocalBackend, register_backend
 from mmengine.logging import print_log
+
+from ..utils.safe_load import CheckpointError, verify_archive
 
 
 def _fsync_dir(directory: str) -> None:
@@ -81,12 +82,13 @@ def is_complete_checkpoint(path: str) -> bool:
 
     ``torch.save`` writes a zip archive whose central directory comes last
     and whose members carry CRC-32 checksums, so a truncated or damaged file
-    fails ``testzip``. Nothing is unpickled.
+    fails :func:`~poolformer_seg.utils.safe_load.verify_archive`. Nothing is
+    unpickled.
     """
     try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (OSError, zipfile.BadZipFile, EOFError):
+        verify_archive(path)
+        return True
+    except CheckpointError:
         return False
 
 

@@ -28,7 +28,7 @@ from mmengine.logging import MMLogger, print_log
 
 from .layouts import (LAYOUTS, conversion_message, convert_backbone,
                       format_keys, strip_prefix, unwrap_state_dict)
-from .safe_load import CheckpointError, load
+from .safe_load import CheckpointError, check_finite_weights, load
 
 __all__ = [
     'CheckpointError', 'CheckpointMismatchError', 'KeyReport',
@@ -83,12 +83,18 @@ def _resolve_path(checkpoint: str) -> str:
 
 
 def read_checkpoint(filename: str):
-    """Load a local file (torch or ``.safetensors``) or a URL, safely."""
+    """Load a local file (torch or ``.safetensors``) or a URL, safely.
+
+    The archive's checksums are verified and NaN/Inf weights refused
+    (:class:`~poolformer_seg.utils.safe_load.NonFiniteCheckpointError`).
+    """
     filename = os.fspath(filename)
     if re.match(r'[a-z0-9+]+://', filename):
         from mmengine.runner.checkpoint import CheckpointLoader
         return CheckpointLoader.load_checkpoint(filename, map_location='cpu')
-    return load(_resolve_path(filename), map_location='cpu')
+    checkpoint = load(_resolve_path(filename), map_location='cpu')
+    check_finite_weights(checkpoint, filename)
+    return checkpoint
 
 
 # ----------------------------------------------------------------------------
