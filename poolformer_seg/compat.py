@@ -27,6 +27,11 @@ can be deleted when the dependency is fixed.
    http checkpoint loaders through :func:`poolformer_seg.utils.safe_load.load`,
    which keeps ``weights_only=True`` with a minimal allowlist.
 
+3. Lenient model loading in mmengine 0.10.x: its ``load_state_dict`` only
+   warns about missing or mis-shaped weights. For models with a
+   poolformer_seg backbone it is made strict (see
+   :func:`_check_mmengine_state_dict_loading`).
+
 Call :func:`apply` before the first import of ``mmseg.models``; importing
 ``poolformer_seg`` does it, and so do the scripts in ``tools/``.
 
@@ -49,7 +54,7 @@ __all__ = ['apply', 'full_mmcv_available', 'MissingMmcvOpError',
            'UnavailableOp', 'register_load_state_dict_pre_hook',
            'torch_safe_globals', 'numpy_core', 'onednn_linear',
            'upsample_bilinear_into', 'storage_users', 'runner_resume',
-           'set_runner_load_from', 'built_train_loop',
+           'set_runner_load_from', 'built_train_loop', 'built_eval_loop',
            'train_dataloader_cfg', 'diff_rank_seed',
            'infinite_dataloader_iterator']
 
@@ -134,6 +139,37 @@ def _stub_mmcv_ops() -> None:
 def _route_mmengine_loading() -> None:
     from poolformer_seg.utils.safe_load import register_mmengine_loaders
     register_mmengine_loaders()
+    _check_mmengine_state_dict_loading()
+
+
+def _check_mmengine_state_dict_loading() -> None:
+    """Workaround 3: mmengine loads models leniently (0.10.x).
+
+    ``mmengine.runner.checkpoint.load_state_dict`` -- where
+    ``load_checkpoint``, ``Runner.load_checkpoint`` (``load_from``,
+    ``--resume``, mmseg's ``tools/test.py``), ``mmseg.apis.init_model`` and
+    ``MMSegInferencer`` all end -- only warns about missing and mis-shaped
+    weights and leaves them random. It is wrapped so that the state dict
+    first passes :func:`poolformer_seg.utils.loading.checked_for_mmengine`,
+    which converts and checks it for models with a poolformer_seg backbone
+    and leaves every other model to mmengine. The callers look the function
+    up in its module at call time, so the order of imports does not matter.
+    """
+    import mmengine.runner as mm_runner
+    import mmengine.runner.checkpoint as mm_checkpoint
+    from poolformer_seg.utils.loading import checked_for_mmengine
+    original = mm_checkpoint.load_state_dict
+    if getattr(original, 'poolformer_seg_checked', False):
+        return
+
+    def load_state_dict(module, state_dict, strict=False, logger=None):
+        return original(module, checked_for_mmengine(module, state_dict),
+                        strict, logger)
+
+    load_state_dict.__doc__ = original.__doc__
+    load_state_dict.poolformer_seg_checked = True
+    mm_checkpoint.load_state_dict = load_state_dict
+    mm_runner.load_state_dict = load_state_dict
 
 
 _applied = False
@@ -275,6 +311,15 @@ def built_train_loop(runner):
     from mmengine.runner.base_loop import BaseLoop
     loop = runner._train_loop
     return loop if isinstance(loop, BaseLoop) else None
+
+
+def built_eval_loop(runner):
+    """The test loop, else the val loop, if built; else None."""
+    from mmengine.runner.base_loop import BaseLoop
+    for loop in (runner._test_loop, runner._val_loop):
+        if isinstance(loop, BaseLoop):
+            return loop
+    return None
 
 
 def train_dataloader_cfg(runner):
