@@ -19,6 +19,11 @@ can be deleted when the dependency is fixed.
    mmcv's ``cnn.bricks.transformer`` then warns once that it cannot import
    ``MultiScaleDeformableAttention``: that warning is silenced with the
    stand-in, since using the op raises :class:`MissingMmcvOpError` anyway.
+   The stand-in is the top-level module ``_poolformer_seg_mmcv_lite``; the
+   ``poolformer_seg_mmcv_lite.pth`` file installed with the package registers
+   it as an import hook for ``mmcv.ops`` at interpreter start, so that
+   ``from mmseg.apis import init_model`` works even before
+   ``import poolformer_seg``.
 
 2. ``torch.load`` in mmengine 0.10.7 (torch >= 2.6).
    mmengine calls ``torch.load`` without ``weights_only``, so torch's default
@@ -42,13 +47,14 @@ version-dependent APIs" below), so that the supported range of each
 dependency is stated in ``setup.py`` rather than pinned.
 """
 import contextlib
-import importlib.util
-import os
 import sys
-import types
-import warnings
 
 import torch
+# The mmcv.ops stand-in lives in a top-level module so that the .pth file
+# installed with the package can put it in place before mmseg is imported
+# (workaround 1); re-exported here.
+from _poolformer_seg_mmcv_lite import (MissingMmcvOpError, UnavailableOp,
+                                       full_mmcv_available, install_stand_in)
 
 __all__ = ['apply', 'full_mmcv_available', 'MissingMmcvOpError',
            'UnavailableOp', 'register_load_state_dict_pre_hook',
@@ -57,42 +63,6 @@ __all__ = ['apply', 'full_mmcv_available', 'MissingMmcvOpError',
            'set_runner_load_from', 'built_train_loop', 'built_eval_loop',
            'train_dataloader_cfg', 'diff_rank_seed',
            'infinite_dataloader_iterator']
-
-# mmcv.ops functions that are plain PyTorch and safe to load from source.
-_PURE_PYTORCH_OPS = ('point_sample',)
-
-
-class MissingMmcvOpError(RuntimeError):
-    """Raised when a compiled mmcv op is used while only mmcv-lite exists."""
-
-
-class UnavailableOp:
-    """Stand-in for a compiled ``mmcv.ops`` symbol missing from mmcv-lite.
-
-    Importing it works; calling it (a function, or instantiating a class)
-    raises :class:`MissingMmcvOpError` naming the op and the fix.
-    """
-
-    def __init__(self, name: str):
-        self.__name__ = self.__qualname__ = name
-
-    def __call__(self, *args, **kwargs):
-        raise MissingMmcvOpError(
-            f'mmcv.ops.{self.__name__} needs the compiled mmcv ops, but only '
-            'mmcv-lite is installed. Install full mmcv 2.1.0 (see README, '
-            '"Full mmcv") to use it.')
-
-    def __repr__(self):
-        return f'<unavailable mmcv.ops.{self.__name__} (mmcv-lite)>'
-
-
-def full_mmcv_available() -> bool:
-    """True when mmcv's compiled extension ``mmcv._ext`` can be imported."""
-    try:
-        return importlib.util.find_spec('mmcv._ext') is not None
-    except ModuleNotFoundError:  # mmcv itself is missing
-        return False
-
 
 def _require_mmcv() -> None:
     """mmcv is not in ``install_requires`` (full mmcv or mmcv-lite provide
@@ -105,35 +75,6 @@ def _require_mmcv() -> None:
             'already have, or install the pure-Python one with '
             '`pip install "mmcv-lite>=2.0.0,<2.2.0"` (or '
             '`pip install "poolformer_seg[lite]"`)') from None
-
-
-def _stub_mmcv_ops() -> None:
-    import mmcv
-    ops_dir = os.path.join(os.path.dirname(mmcv.__file__), 'ops')
-    stub = types.ModuleType('mmcv.ops', doc='poolformer_seg stand-in for '
-                            'mmcv.ops on mmcv-lite; see poolformer_seg.compat')
-    stub.__path__ = []  # submodules other than the ones registered below
-    stub.__file__ = os.path.join(ops_dir, '__init__.py')
-    for name in _PURE_PYTORCH_OPS:
-        spec = importlib.util.spec_from_file_location(
-            f'mmcv.ops.{name}', os.path.join(ops_dir, f'{name}.py'))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        setattr(stub, name, getattr(module, name))
-
-    def __getattr__(name):
-        # Dunder look-ups (inspect.getmodule, copy, pickle) must see a
-        # normal AttributeError, or mmengine's scope inference breaks.
-        if name.startswith('__'):
-            raise AttributeError(name)
-        op = UnavailableOp(name)
-        setattr(stub, name, op)
-        return op
-
-    stub.__getattr__ = __getattr__
-    sys.modules['mmcv.ops'] = stub
-    mmcv.ops = stub
 
 
 def _route_mmengine_loading() -> None:
@@ -182,10 +123,7 @@ def apply() -> None:
         return
     _require_mmcv()
     if not full_mmcv_available() and 'mmcv.ops' not in sys.modules:
-        _stub_mmcv_ops()
-        warnings.filterwarnings(
-            'ignore', message='Fail to import ``MultiScaleDeformableAttention',
-            category=UserWarning)
+        install_stand_in()
     _route_mmengine_loading()
     _applied = True
 
