@@ -156,11 +156,15 @@ def verify_archive(file, name: Optional[str] = None) -> None:
     try:
         with zipfile.ZipFile(file) as archive:
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # noqa: B902
+        # zipfile reports damage as BadZipFile, but damaged headers also
+        # surface as zlib.error, struct.error, NotImplementedError (a
+        # flipped compression method), UnicodeDecodeError (a flipped name
+        # flag), OSError, ...: whatever it is, the archive cannot be read.
         raise CheckpointError(
-            f'cannot read checkpoint {name}: the file is truncated or is not '
-            f'a PyTorch checkpoint ({err}); re-download it or use an earlier '
-            'checkpoint') from None
+            f'cannot read checkpoint {name}: the file is truncated, damaged '
+            f'or not a PyTorch checkpoint ({type(err).__name__}: {err}); '
+            're-download it or use an earlier checkpoint') from None
     finally:
         if position is not None:
             file.seek(position)
