@@ -184,3 +184,55 @@ def test_resume_from_a_non_training_checkpoint_is_clear(
         in message
     assert f'set load_from={checkpoint}' in message
     assert 'without --resume' in message
+
+
+def _backbone_file(tiny, tmp_path):
+    """The tiny segmentor's backbone as a pretrained-weights file."""
+    _, checkpoint, _ = tiny
+    state = torch.load(checkpoint, weights_only=True)['state_dict']
+    path = str(tmp_path / 'backbone.pth')
+    torch.save({'state_dict': {k[len('backbone.'):]: v for k, v in
+                               state.items() if k.startswith('backbone.')}},
+               path)
+    return path
+
+
+def _every_path(tiny, load_tool, tmp_path):
+    """name -> function(checkpoint file) for each way a file is loaded."""
+    from mmengine.runner import load_checkpoint
+
+    from poolformer_seg import PoolFormer
+    from poolformer_seg.apis import init_model
+    from poolformer_seg.utils.loading import load_pretrained
+    config = tiny[0]
+    arch = dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 32, 64])
+    return {
+        'apis.init_model': lambda f: init_model(config, f, device='cpu'),
+        'mmengine load_checkpoint (load_from, mmseg init_model)':
+            lambda f: load_checkpoint(build_segmentor(config), f),
+        'pretrained init': lambda f: load_pretrained(PoolFormer(arch=arch),
+                                                     f),
+        'converter': lambda f: load_tool('convert_checkpoint.py').main(
+            [f, str(tmp_path / 'out.pth')]),
+    }
+
+
+@pytest.mark.parametrize('damage', ['flipped bits', 'NaN'])
+def test_every_load_path_refuses_damaged_or_nan_files(tiny, load_tool,
+                                                      tmp_path, damage):
+    for name, load_file in _every_path(tiny, load_tool, tmp_path).items():
+        source = _backbone_file(tiny, tmp_path) if name == \
+            'pretrained init' else tiny[1]
+        if damage == 'flipped bits':
+            bad = flip_bits_in_a_tensor(source, tmp_path / 'bad.pth')
+            expected = 'is corrupt: the checksum'
+        else:
+            def poison(state):
+                key = next(iter(state))
+                state[key].view(-1)[0] = float('nan')
+            bad = _edited(source, tmp_path / 'bad.pth', poison)
+            expected = 'has NaN/Inf values in 1 tensor(s)'
+        with pytest.raises((CheckpointError, SystemExit)) as err:
+            load_file(bad)
+        assert expected in str(err.value), name
+        assert not osp.exists(tmp_path / 'out.pth'), name
