@@ -262,7 +262,8 @@ def _corrupted_file(kind, arg, path) -> dict:
 
 @FAST
 @given(corruption=corruptions())
-def test_corrupted_checkpoints_never_load_silently(corruption, tmp_path_factory):
+def test_corrupted_checkpoints_never_load_silently(corruption,
+                                                   tmp_path_factory):
     from poolformer_seg.utils.loading import load_segmentor_checkpoint
     from poolformer_seg.utils.safe_load import CheckpointError
     kind, arg = corruption
