@@ -16,6 +16,14 @@ can be deleted when the dependency is fixed.
    fine and raises :class:`MissingMmcvOpError` when it is used, so a model that
    needs a compiled op fails loudly at build time instead of at import time,
    and never computes a wrong result. With full mmcv installed nothing is done.
+   mmcv's ``cnn.bricks.transformer`` then warns once that it cannot import
+   ``MultiScaleDeformableAttention``: that warning is silenced with the
+   stand-in, since using the op raises :class:`MissingMmcvOpError` anyway.
+   The stand-in is the top-level module ``_poolformer_seg_mmcv_lite``; the
+   ``poolformer_seg_mmcv_lite.pth`` file installed with the package registers
+   it as an import hook for ``mmcv.ops`` at interpreter start, so that
+   ``from mmseg.apis import init_model`` works even before
+   ``import poolformer_seg``.
 
 2. ``torch.load`` in mmengine 0.10.7 (torch >= 2.6).
    mmengine calls ``torch.load`` without ``weights_only``, so torch's default
@@ -24,11 +32,10 @@ can be deleted when the dependency is fixed.
    http checkpoint loaders through :func:`poolformer_seg.utils.safe_load.load`,
    which keeps ``weights_only=True`` with a minimal allowlist.
 
-3. The import warning of ``mmcv.cnn`` on mmcv-lite (mmcv-lite 2.1.0).
-   Every import of ``mmcv.cnn`` warns that ``MultiScaleDeformableAttention``
-   cannot be imported; nothing here uses it, and the stand-in of 1. raises
-   if a model does. :func:`apply` filters this one message, so that a tool's
-   error is not preceded by two lines of unrelated advice.
+3. Lenient model loading in mmengine 0.10.x: its ``load_state_dict`` only
+   warns about missing or mis-shaped weights. For models with a
+   poolformer_seg backbone it is made strict (see
+   :func:`_check_mmengine_state_dict_loading`).
 
 Call :func:`apply` before the first import of ``mmseg.models``; importing
 ``poolformer_seg`` does it, and so do the scripts in ``tools/``.
@@ -40,57 +47,23 @@ version-dependent APIs" below), so that the supported range of each
 dependency is stated in ``setup.py`` rather than pinned.
 """
 import contextlib
-import importlib.util
-import os
 import sys
-import types
-import warnings
 
 import torch
+# The mmcv.ops stand-in lives in a top-level module so that the .pth file
+# installed with the package can put it in place before mmseg is imported
+# (workaround 1); re-exported here.
+from _poolformer_seg_mmcv_lite import (MissingMmcvOpError, UnavailableOp,
+                                       full_mmcv_available, install_stand_in)
 
 __all__ = ['apply', 'full_mmcv_available', 'MissingMmcvOpError',
            'UnavailableOp', 'register_load_state_dict_pre_hook',
            'torch_safe_globals', 'numpy_core', 'onednn_linear',
-           'upsample_bilinear_into', 'storage_users', 'autocast_dtype', 'runner_resume',
-           'set_runner_load_from', 'built_train_loop',
+           'upsample_bilinear_into', 'storage_users', 'autocast_dtype',
+           'runner_resume', 'set_runner_load_from', 'built_train_loop',
+           'built_eval_loop',
            'train_dataloader_cfg', 'diff_rank_seed',
            'infinite_dataloader_iterator']
-
-# mmcv.ops functions that are plain PyTorch and safe to load from source.
-_PURE_PYTORCH_OPS = ('point_sample',)
-
-
-class MissingMmcvOpError(RuntimeError):
-    """Raised when a compiled mmcv op is used while only mmcv-lite exists."""
-
-
-class UnavailableOp:
-    """Stand-in for a compiled ``mmcv.ops`` symbol missing from mmcv-lite.
-
-    Importing it works; calling it (a function, or instantiating a class)
-    raises :class:`MissingMmcvOpError` naming the op and the fix.
-    """
-
-    def __init__(self, name: str):
-        self.__name__ = self.__qualname__ = name
-
-    def __call__(self, *args, **kwargs):
-        raise MissingMmcvOpError(
-            f'mmcv.ops.{self.__name__} needs the compiled mmcv ops, but only '
-            'mmcv-lite is installed. Install full mmcv 2.1.0 (see README, '
-            '"Full mmcv") to use it.')
-
-    def __repr__(self):
-        return f'<unavailable mmcv.ops.{self.__name__} (mmcv-lite)>'
-
-
-def full_mmcv_available() -> bool:
-    """True when mmcv's compiled extension ``mmcv._ext`` can be imported."""
-    try:
-        return importlib.util.find_spec('mmcv._ext') is not None
-    except ModuleNotFoundError:  # mmcv itself is missing
-        return False
-
 
 def _require_mmcv() -> None:
     """mmcv is not in ``install_requires`` (full mmcv or mmcv-lite provide
@@ -105,38 +78,40 @@ def _require_mmcv() -> None:
             '`pip install "poolformer_seg[lite]"`)') from None
 
 
-def _stub_mmcv_ops() -> None:
-    import mmcv
-    ops_dir = os.path.join(os.path.dirname(mmcv.__file__), 'ops')
-    stub = types.ModuleType('mmcv.ops', doc='poolformer_seg stand-in for '
-                            'mmcv.ops on mmcv-lite; see poolformer_seg.compat')
-    stub.__path__ = []  # submodules other than the ones registered below
-    stub.__file__ = os.path.join(ops_dir, '__init__.py')
-    for name in _PURE_PYTORCH_OPS:
-        spec = importlib.util.spec_from_file_location(
-            f'mmcv.ops.{name}', os.path.join(ops_dir, f'{name}.py'))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        setattr(stub, name, getattr(module, name))
-
-    def __getattr__(name):
-        # Dunder look-ups (inspect.getmodule, copy, pickle) must see a
-        # normal AttributeError, or mmengine's scope inference breaks.
-        if name.startswith('__'):
-            raise AttributeError(name)
-        op = UnavailableOp(name)
-        setattr(stub, name, op)
-        return op
-
-    stub.__getattr__ = __getattr__
-    sys.modules['mmcv.ops'] = stub
-    mmcv.ops = stub
-
-
 def _route_mmengine_loading() -> None:
     from poolformer_seg.utils.safe_load import register_mmengine_loaders
     register_mmengine_loaders()
+    _check_mmengine_state_dict_loading()
+
+
+def _check_mmengine_state_dict_loading() -> None:
+    """Workaround 3: mmengine loads models leniently (0.10.x).
+
+    ``mmengine.runner.checkpoint.load_state_dict`` -- where
+    ``load_checkpoint``, ``Runner.load_checkpoint`` (``load_from``,
+    ``--resume``, mmseg's ``tools/test.py``), ``mmseg.apis.init_model`` and
+    ``MMSegInferencer`` all end -- only warns about missing and mis-shaped
+    weights and leaves them random. It is wrapped so that the state dict
+    first passes :func:`poolformer_seg.utils.loading.checked_for_mmengine`,
+    which converts and checks it for models with a poolformer_seg backbone
+    and leaves every other model to mmengine. The callers look the function
+    up in its module at call time, so the order of imports does not matter.
+    """
+    import mmengine.runner as mm_runner
+    import mmengine.runner.checkpoint as mm_checkpoint
+    from poolformer_seg.utils.loading import checked_for_mmengine
+    original = mm_checkpoint.load_state_dict
+    if getattr(original, 'poolformer_seg_checked', False):
+        return
+
+    def load_state_dict(module, state_dict, strict=False, logger=None):
+        return original(module, checked_for_mmengine(module, state_dict),
+                        strict, logger)
+
+    load_state_dict.__doc__ = original.__doc__
+    load_state_dict.poolformer_seg_checked = True
+    mm_checkpoint.load_state_dict = load_state_dict
+    mm_runner.load_state_dict = load_state_dict
 
 
 _applied = False
@@ -148,13 +123,8 @@ def apply() -> None:
     if _applied:
         return
     _require_mmcv()
-    if not full_mmcv_available():
-        warnings.filterwarnings(
-            'ignore', message='Fail to import '
-            '``MultiScaleDeformableAttention`` from '
-            '``mmcv.ops.multi_scale_deform_attn``')
-        if 'mmcv.ops' not in sys.modules:
-            _stub_mmcv_ops()
+    if not full_mmcv_available() and 'mmcv.ops' not in sys.modules:
+        install_stand_in()
     _route_mmengine_loading()
     _applied = True
 
@@ -303,6 +273,15 @@ def built_train_loop(runner):
     from mmengine.runner.base_loop import BaseLoop
     loop = runner._train_loop
     return loop if isinstance(loop, BaseLoop) else None
+
+
+def built_eval_loop(runner):
+    """The test loop, else the val loop, if built; else None."""
+    from mmengine.runner.base_loop import BaseLoop
+    for loop in (runner._test_loop, runner._val_loop):
+        if isinstance(loop, BaseLoop):
+            return loop
+    return None
 
 
 def train_dataloader_cfg(runner):

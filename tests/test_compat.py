@@ -227,3 +227,23 @@ def test_autocast_dtype_on_every_torch(monkeypatch, new_api):
         assert compat.autocast_dtype('cpu') == torch.bfloat16
         assert compat.autocast_dtype('meta') is None
     assert compat.autocast_dtype('meta') is None
+def test_mmengine_load_state_dict_is_strict_only_for_our_models():
+    """Workaround 3: models without a poolformer_seg backbone keep
+    mmengine's lenient loading (a warning); ours raise, naming the keys."""
+    import mmengine.runner.checkpoint as mm_checkpoint
+
+    from poolformer_seg import PoolFormer
+    from poolformer_seg.utils.loading import CheckpointMismatchError
+    assert mm_checkpoint.load_state_dict.poolformer_seg_checked
+    other = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    partial = {'0.weight': torch.ones(3, 2)}
+    mm_checkpoint.load_state_dict(other, partial)  # mmengine: a warning
+    assert torch.equal(other[0].weight, torch.ones(3, 2))
+    ours = torch.nn.Module()
+    ours.backbone = PoolFormer(arch=dict(layers=[1, 1, 1, 1],
+                                         embed_dims=[4, 4, 4, 4]))
+    state = dict(ours.state_dict())
+    del state['backbone.stem.proj.bias']
+    with pytest.raises(CheckpointMismatchError,
+                       match=r'missing \(1\): backbone\.stem\.proj\.bias'):
+        mm_checkpoint.load_state_dict(ours, state)

@@ -1,15 +1,20 @@
 """Property-based tests (hypothesis): backbone output shapes for random input
-sizes and architectures, and checkpoint conversion round trips through
-every published key layout.
+sizes and architectures, checkpoint conversion round trips through every
+published key layout, and checkpoints with random corruption.
 
 Examples are derandomized (the same in every CI run) and few, to keep the
 file at a few seconds.
 """
+import copy
+import functools
+import io
+import math
+import os.path as osp
 import re
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from poolformer_seg.models import PoolFormer
@@ -18,6 +23,8 @@ from tests.helpers.upstream import (official_cls_from_feat,
                                     official_from_ours, timm_features_only,
                                     timm_from_official)
 
+MODEL_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))),
+                        'configs', '_base_', 'models', 'fpn_poolformer_s12.py')
 FAST = settings(max_examples=25, deadline=None, derandomize=True,
                 database=None)
 FEW = settings(max_examples=8, deadline=None, derandomize=True,
@@ -168,3 +175,116 @@ def test_conversion_round_trips(arch, seed):
         model = PoolFormer(arch=arch)
         missing, unexpected = model.load_state_dict(converted, strict=False)
         assert not unexpected and set(missing) == set(ours) - expected_keys
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints with random corruption: none loads silently. Each either raises
+# a CheckpointError (of poolformer_seg.utils.safe_load) or, for a harmless
+# change, loads exactly the values the file holds.
+
+CORRUPTIONS = ('truncate', 'flip_byte', 'dtype', 'missing_key', 'extra_key',
+               'non_finite')
+# must raise whatever the draw (flip_byte may hit bytes nobody reads, dtype
+# may be a float width, keys may be num_batches_tracked or outside the
+# backbone)
+ALWAYS_REFUSED = ('truncate', 'non_finite')
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_segmentor_and_file():
+    """A tiny segmentor (random weights) and the bytes of its checkpoint."""
+    from mmengine.config import Config
+
+    from tests.apis.tiny import TINY_MODEL
+    from tests.helpers.upstream import build_segmentor
+    cfg = Config(dict(model=Config.fromfile(MODEL_CONFIG).model))
+    cfg.merge_from_dict(TINY_MODEL)
+    cfg.model.backbone.init_cfg = None
+    cfg.model.decode_head.norm_cfg = dict(type='BN', requires_grad=True)
+    cfg.model.decode_head.num_classes = 5
+    torch.manual_seed(0)
+    model = build_segmentor(cfg.model)
+    model.init_weights()
+    buffer = io.BytesIO()
+    torch.save({'meta': {}, 'state_dict': model.state_dict()}, buffer)
+    return model, buffer.getvalue()
+
+
+@st.composite
+def corruptions(draw):
+    kind = draw(st.sampled_from(CORRUPTIONS))
+    model, data = _tiny_segmentor_and_file()
+    keys = list(model.state_dict())
+    if kind == 'truncate':
+        return kind, draw(st.integers(0, len(data) - 1))
+    if kind == 'flip_byte':
+        return kind, (draw(st.integers(0, len(data) - 1)),
+                      draw(st.integers(1, 255)))
+    if kind == 'dtype':
+        return kind, (draw(st.sampled_from(keys)), draw(st.sampled_from(
+            [torch.float16, torch.bfloat16, torch.float64, torch.int64,
+             torch.bool])))
+    if kind == 'missing_key':
+        return kind, draw(st.sampled_from(keys))
+    if kind == 'extra_key':
+        return kind, draw(st.sampled_from(
+            ['auxiliary_head.conv_seg.weight', 'backbone.stages.0.blocks.9.'
+             'norm1.weight', 'extra']))
+    floats = [k for k in keys if model.state_dict()[k].is_floating_point()]
+    return kind, (draw(st.sampled_from(floats)),
+                  draw(st.sampled_from([math.nan, math.inf, -math.inf])))
+
+
+def _corrupted_file(kind, arg, path) -> dict:
+    """Write the corrupted checkpoint; return the state dict it holds (for
+    the byte-level corruptions: the original one)."""
+    model, data = _tiny_segmentor_and_file()
+    state = dict(model.state_dict())
+    if kind in ('truncate', 'flip_byte'):
+        if kind == 'truncate':
+            data = data[:arg]
+        else:
+            data = bytearray(data)
+            data[arg[0]] ^= arg[1]
+        with open(path, 'wb') as f:
+            f.write(bytes(data))
+        return state
+    if kind == 'dtype':
+        state[arg[0]] = state[arg[0]].to(arg[1])
+    elif kind == 'missing_key':
+        del state[arg]
+    elif kind == 'extra_key':
+        state[arg] = torch.ones(3)
+    else:
+        key, value = arg
+        state[key] = state[key].clone()
+        state[key].view(-1)[0] = value
+    torch.save({'meta': {}, 'state_dict': state}, path)
+    return state
+
+
+@FAST
+@given(corruption=corruptions())
+def test_corrupted_checkpoints_never_load_silently(corruption,
+                                                   tmp_path_factory):
+    from poolformer_seg.utils.loading import load_segmentor_checkpoint
+    from poolformer_seg.utils.safe_load import CheckpointError
+    kind, arg = corruption
+    event(kind)
+    path = str(tmp_path_factory.mktemp('corrupt') / 'ckpt.pth')
+    held = _corrupted_file(kind, arg, path)
+    template, _ = _tiny_segmentor_and_file()
+    model = copy.deepcopy(template)
+    for param in model.parameters():  # so that a skipped tensor shows
+        param.data.fill_(0.5)
+    try:
+        load_segmentor_checkpoint(model, path)
+    except CheckpointError:
+        return
+    assert kind not in ALWAYS_REFUSED, f'{kind} {arg} loaded'
+    loaded = model.state_dict()
+    for key, value in loaded.items():
+        if key in held:
+            assert torch.equal(value, held[key].to(value.dtype)), (kind, key)
+        else:  # only a BN step counter may be absent from a checkpoint
+            assert key.endswith('num_batches_tracked'), (kind, key)

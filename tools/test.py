@@ -6,7 +6,10 @@
 
 The checkpoint is loaded strictly: a parameter of the model that the file
 lacks, or has with another shape, is an error listing the keys
-(``--allow-partial-load`` downgrades it to a warning). Upstream PoolFormer
+(``--allow-partial-load`` downgrades it to a warning); a damaged file
+(checksums), NaN/Inf weights, or a head whose class count differs from the
+test dataset's (or the checkpoint's recorded classes) stop it before
+evaluation. Upstream PoolFormer
 checkpoints (mmseg 1.x, sail-sg) are converted on the fly. Prints the
 per-class IoU/Acc table and aAcc / mIoU / mAcc. See docs/training.md.
 """
@@ -23,7 +26,8 @@ from poolformer_seg.engine import (adapt_to_cpu_distributed,
                                    add_debug_argument,
                                    init_cpu_process_group, load_tool_config,
                                    run_tool)
-from poolformer_seg.utils.loading import load_segmentor_checkpoint
+from poolformer_seg.utils.loading import (check_class_count,
+                                          load_segmentor_checkpoint)
 
 
 def parse_args(argv=None):
@@ -125,9 +129,11 @@ def main(argv=None):
     runner = Runner.from_cfg(cfg)
     for note in notes:
         runner.logger.log(logging.INFO, note)
-    load_segmentor_checkpoint(
+    checkpoint = load_segmentor_checkpoint(
         segmentor_of(runner.model), args.checkpoint,
         allow_partial=args.allow_partial_load, logger=runner.logger)
+    check_class_count(runner.model, runner.test_dataloader.dataset,
+                      checkpoint, args.checkpoint)
     metrics = runner.test()
     if is_main_process():
         summary = '  '.join(f'{key}: {value:.2f}'

@@ -22,8 +22,13 @@ default_hooks = dict(
     visualization=dict(type='SegVisualizationHook'))
 # FiniteLossHook stops at the first NaN/Inf loss; RNGStateHook saves the RNG
 # states in checkpoints so that --resume continues exactly as an
-# uninterrupted run (docs/reliability.md).
-custom_hooks = [dict(type='FiniteLossHook'), dict(type='RNGStateHook')]
+# uninterrupted run; CheckpointFitHook checks what load_from/--resume load
+# (only the head may differ when fine-tuning) (docs/reliability.md).
+custom_hooks = [
+    dict(type='FiniteLossHook'),
+    dict(type='RNGStateHook'),
+    dict(type='CheckpointFitHook')
+]
 vis_backends = [dict(type='LocalVisBackend')]
 visualizer = dict(
     type='SegLocalVisualizer', vis_backends=vis_backends, name='visualizer')

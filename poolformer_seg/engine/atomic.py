@@ -12,19 +12,22 @@
   write goes through).
 * :func:`find_resumable_checkpoint` picks what ``--resume`` should load: the
   file named in ``work_dir/last_checkpoint`` if it is complete, else the
-  newest complete ``iter_*.pth``/``epoch_*.pth``.
+  newest complete ``iter_*.pth``/``epoch_*.pth``. ``last_checkpoint`` holds
+  a path relative to the work dir (:func:`pointer_to`), so a moved or copied
+  work dir resumes from its own files.
 """
 import errno
 import glob
 import os
 import os.path as osp
 import re
-import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
 from mmengine.fileio import LocalBackend, register_backend
 from mmengine.logging import print_log
+
+from ..utils.safe_load import CheckpointError, verify_archive
 
 
 def _fsync_dir(directory: str) -> None:
@@ -105,13 +108,39 @@ def is_complete_checkpoint(path: str) -> bool:
 
     ``torch.save`` writes a zip archive whose central directory comes last
     and whose members carry CRC-32 checksums, so a truncated or damaged file
-    fails ``testzip``. Nothing is unpickled.
+    fails :func:`~poolformer_seg.utils.safe_load.verify_archive`. Nothing is
+    unpickled.
     """
     try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (OSError, zipfile.BadZipFile, EOFError):
+        verify_archive(path)
+        return True
+    except CheckpointError:
         return False
+
+
+def pointer_to(checkpoint: str, work_dir: str) -> str:
+    """What ``last_checkpoint`` records for ``checkpoint``: its path relative
+    to ``work_dir`` when it lies inside (so that a moved or copied work dir
+    resumes from its own copy), else the absolute path."""
+    relative = osp.relpath(osp.abspath(checkpoint), osp.abspath(work_dir))
+    inside = not relative.startswith(os.pardir) and not osp.isabs(relative)
+    return relative if inside else osp.abspath(checkpoint)
+
+
+def _resolve_pointer(named: str, work_dir: str) -> str:
+    """The file ``last_checkpoint`` means: relative names are resolved
+    against ``work_dir``; an absolute name whose file also exists in
+    ``work_dir`` (a work dir copied with a pointer written by an older
+    version or by mmengine) is taken from ``work_dir``."""
+    if not osp.isabs(named):
+        return osp.join(work_dir, named)
+    own = osp.join(work_dir, osp.basename(named))
+    if osp.abspath(osp.dirname(named)) != osp.abspath(work_dir) and \
+            osp.isfile(own):
+        print_log(f'last_checkpoint names {named}, outside this work dir; '
+                  f'using its copy {own} in the work dir', logger='current')
+        return own
+    return named
 
 
 def _step(path: str) -> int:
@@ -136,6 +165,8 @@ def find_resumable_checkpoint(work_dir: str) -> Optional[str]:
     if osp.isfile(pointer):
         with open(pointer) as f:
             named = f.read().strip() or None
+        if named:
+            named = _resolve_pointer(named, work_dir)
         if named and is_complete_checkpoint(named):
             return named
     folders = {work_dir} | ({osp.dirname(named)} if named else set())

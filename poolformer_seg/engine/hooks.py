@@ -12,6 +12,9 @@
   was never interrupted.
 * :class:`FiniteLossHook` -- stops training at the first non-finite loss,
   before a checkpoint of it can be written.
+* :class:`CheckpointFitHook` -- checks what a Runner loads (``load_from``,
+  ``--resume``, mmseg's ``tools/test.py``) against the model, the run and
+  the dataset, naming the file.
 """
 import copy
 import glob
@@ -28,10 +31,13 @@ from mmengine.hooks import CheckpointHook, Hook
 from mmengine.runner.loops import IterBasedTrainLoop
 from mmseg.registry import HOOKS
 
-from ..compat import (built_train_loop, diff_rank_seed,
+from ..compat import (built_eval_loop, built_train_loop, diff_rank_seed,
                       infinite_dataloader_iterator, runner_resume,
                       set_runner_load_from, train_dataloader_cfg)
-from .atomic import atomic_write, find_resumable_checkpoint
+from ..utils.layouts import unwrap_state_dict
+from ..utils.loading import (FINE_TUNE_HINT, check_class_count,
+                             check_resumable, fit_state_dict)
+from .atomic import atomic_write, find_resumable_checkpoint, pointer_to
 
 
 class NonFiniteError(FloatingPointError):
@@ -76,9 +82,17 @@ class SafeCheckpointHook(CheckpointHook):
     def before_run(self, runner) -> None:
         # Runs before Runner.load_or_resume().
         resume, load_from = runner_resume(runner)
-        if resume and load_from is None:
-            set_runner_load_from(runner,
-                                 find_resumable_checkpoint(runner.work_dir))
+        if not resume:
+            return
+        if load_from is None:
+            load_from = find_resumable_checkpoint(runner.work_dir)
+            set_runner_load_from(runner, load_from)
+            origin = f'the last checkpoint in {runner.work_dir}'
+        else:
+            origin = 'load_from'
+        if load_from is not None:
+            runner.logger.info(f'--resume: resuming from {load_from} '
+                               f'({origin})')
 
     def before_train(self, runner) -> None:
         super().before_train(runner)
@@ -118,7 +132,7 @@ class SafeCheckpointHook(CheckpointHook):
         if not is_main_process():
             return
         atomic_write(osp.join(runner.work_dir, 'last_checkpoint'),
-                     self.last_ckpt)
+                     pointer_to(self.last_ckpt, runner.work_dir))
         for old in stale:
             path = self.file_backend.join_path(self.out_dir,
                                                self.filename_tmpl.format(old))
@@ -306,5 +320,49 @@ class FiniteLossHook(Hook):
             f') or check the data, then resume with --resume.')
 
 
+@HOOKS.register_module()
+class CheckpointFitHook(Hook):
+    """Check every checkpoint a Runner loads before it reaches the model.
+
+    mmengine's ``Runner.load_checkpoint`` (``load_from``, ``--resume``, and
+    mmseg's ``tools/test.py``, which sets ``load_from``) calls
+    ``after_load_checkpoint`` between reading the file and loading it into
+    the model; the state dict is converted and checked there
+    (:func:`~poolformer_seg.utils.loading.fit_state_dict`), naming the file:
+
+    * ``--resume``: the file must be a training checkpoint
+      (:func:`~poolformer_seg.utils.loading.check_resumable`) and fit the
+      model exactly;
+    * ``load_from`` in training (fine-tuning): the head may differ (another
+      class count); its tensors keep their initialisation and one log line
+      names them. Everything else must fit: an m36 file for the s12 config
+      stops the run with the keys;
+    * evaluation only (``runner.test()``/``val()``): the file must fit
+      exactly, and ``model.decode_head.num_classes``, the dataset's classes
+      and the checkpoint's ``meta.dataset_meta.classes`` must agree.
+
+    Checkpoint integrity (CRC-32) and NaN/Inf weights are checked earlier,
+    when mmengine reads the file (:mod:`poolformer_seg.utils.safe_load`).
+    """
+
+    priority = 'VERY_HIGH'
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        resume, load_from = runner_resume(runner)
+        source = load_from or 'the checkpoint'
+        if resume:
+            check_resumable(checkpoint, source)
+        training = built_train_loop(runner) is not None
+        checkpoint['state_dict'] = fit_state_dict(
+            runner.model, unwrap_state_dict(checkpoint), source,
+            new_head=training and not resume, logger=runner.logger,
+            hint=FINE_TUNE_HINT)
+        loop = None if training else built_eval_loop(runner)
+        if loop is not None:
+            check_class_count(runner.model, loop.dataloader.dataset,
+                              checkpoint, source)
+
+
 __all__ = ['SafeCheckpointHook', 'RNGStateHook', 'FiniteLossHook',
+           'CheckpointFitHook',
            'NonFiniteError', 'capture_rng_state', 'restore_rng_state']

@@ -1,6 +1,8 @@
 """Atomic writes and the choice of the checkpoint that --resume loads."""
 import errno
 import os
+import os.path as osp
+import shutil
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import poolformer_seg.engine.atomic as atomic
 from poolformer_seg.engine import (AtomicLocalBackend, atomic_write,
                                    find_resumable_checkpoint,
                                    is_complete_checkpoint)
+from poolformer_seg.engine.atomic import pointer_to
 
 
 class _HalfThenFullDisk:
@@ -157,3 +160,25 @@ def test_resume_with_only_broken_checkpoints_is_an_error(tmp_path):
                        match=r'cannot resume: .*iter_2\.pth.*incomplete.*'
                        r'without --resume'):
         find_resumable_checkpoint(str(tmp_path))
+
+
+def test_pointer_is_relative_inside_the_work_dir(tmp_path):
+    assert pointer_to(str(tmp_path / 'iter_4.pth'), str(tmp_path)) == \
+        'iter_4.pth'
+    assert pointer_to(str(tmp_path / 'ckpts' / 'iter_4.pth'),
+                      str(tmp_path)) == osp.join('ckpts', 'iter_4.pth')
+    outside = str(tmp_path.parent / 'elsewhere' / 'iter_4.pth')
+    assert pointer_to(outside, str(tmp_path)) == outside
+
+
+def test_absolute_pointer_of_a_copied_work_dir_uses_the_copy(tmp_path, log):
+    """A work dir copied with an absolute pointer (older versions, plain
+    mmengine) into the original folder: its own file of that name wins."""
+    original, copy = tmp_path / 'original', tmp_path / 'copy'
+    original.mkdir()
+    _save(original / 'iter_2.pth', 2)
+    atomic_write(original / 'last_checkpoint', str(original / 'iter_2.pth'))
+    shutil.copytree(original, copy)
+    assert find_resumable_checkpoint(str(copy)) == str(copy / 'iter_2.pth')
+    assert find_resumable_checkpoint(str(original)) == \
+        str(original / 'iter_2.pth')

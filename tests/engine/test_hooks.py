@@ -5,6 +5,7 @@ in tests/tools/test_resume.py; these run in seconds and isolate each part.
 """
 import os
 import os.path as osp
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,8 +24,9 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 def _pointer(work_dir):
+    """The file that last_checkpoint names (relative to the work dir)."""
     with open(osp.join(work_dir, 'last_checkpoint')) as f:
-        return f.read()
+        return osp.join(str(work_dir), f.read())
 
 
 def _assert_equal_weights(a, b):
@@ -205,3 +207,22 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         hook._save_checkpoint_with_step(runner, 3, dict(epoch=0, iter=3))
     assert not osp.exists(osp.join(str(tmp_path), 'iter_3.pth'))
     assert _pointer(tmp_path).endswith('iter_2.pth')
+
+
+def test_copied_work_dir_resumes_from_its_own_checkpoint(tmp_path):
+    """last_checkpoint holds 'iter_2.pth', so a copy of the work dir
+    resumes from its own file (and --resume says which), not from the
+    folder it was copied from."""
+    original, copy = tmp_path / 'original', tmp_path / 'copy'
+    toy_runner(original, max_iters=2).train()
+    with open(original / 'last_checkpoint') as f:
+        assert f.read() == 'iter_2.pth'
+    shutil.copytree(original, copy)
+    resumed = toy_runner(copy, max_iters=4, resume=True)
+    resumed.train()
+    log = open(resumed.logger.log_file).read()
+    own = osp.join(str(copy), 'iter_2.pth')
+    assert f'--resume: resuming from {own} (the last checkpoint in ' \
+        f'{copy})' in log
+    assert f'Load checkpoint from {own}' in log
+    assert f'Load checkpoint from {original}' not in log

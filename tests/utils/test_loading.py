@@ -16,7 +16,9 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 from poolformer_seg import PoolFormer
+from poolformer_seg.utils.layouts import unwrap_state_dict
 from poolformer_seg.utils.loading import (CheckpointMismatchError,
+                                          fit_state_dict,
                                           load_segmentor_checkpoint)
 from tests.helpers import upstream
 from tests.helpers.logs import captured_mmengine_log
@@ -283,18 +285,34 @@ def test_ddp_prefix_and_model_wrapper(upstream_model, ckpt_dir):
 
 def test_warm_start_with_another_head_says_what_was_skipped(
         mmseg_ckpt, upstream_model):
-    """load_from for fine-tuning: non-strict, conversion, skipped keys."""
-    from mmengine.runner import load_checkpoint
+    """load_from for fine-tuning (CheckpointFitHook): conversion, the head
+    keeps its initialisation, one line names the skipped head keys."""
     model = our_segmentor(num_classes=19)
+    head_before = model.decode_head.conv_seg.weight.clone()
+    state = unwrap_state_dict(torch.load(mmseg_ckpt, weights_only=False))
     with captured_mmengine_log() as lines:
-        # as Runner.load_checkpoint (load_from) calls it
-        load_checkpoint(model, str(mmseg_ckpt), strict=False,
-                        logger='current')
-    text = '\n'.join(lines)
+        fitted = fit_state_dict(model, state, 'x.pth', new_head=True)
     assert len(conversion_lines(lines)) == 1
-    assert 'size mismatch for decode_head.conv_seg.weight' in text
+    skipped = [line for line in lines if 'keep their initialisation' in line]
+    assert len(skipped) == 1 and 'fine-tuning from x.pth: 2 head tensors' \
+        in skipped[0] and 'decode_head.conv_seg.weight, ' \
+        'decode_head.conv_seg.bias' in skipped[0], lines
+    model.load_state_dict(fitted, strict=True)
+    assert torch.equal(model.decode_head.conv_seg.weight, head_before)
     assert torch.equal(model.backbone.stages[3].blocks[1].layer_scale2,
                        upstream_model.backbone.network[6][1].layer_scale_2)
+
+
+def test_mmengine_load_checkpoint_is_strict_for_our_models(mmseg_ckpt):
+    """mmengine's lenient load_checkpoint (mmseg's init_model, Runner)
+    refuses a 19-class model's missing head instead of warning."""
+    from mmengine.runner import load_checkpoint
+    with pytest.raises(CheckpointMismatchError,
+                       match=r'(?s)shape mismatch \(2\): decode_head\.conv_seg'
+                       r'\.weight \(checkpoint \[150, 128, 1, 1\], model '
+                       r'\[19, 128, 1, 1\]\)'):
+        load_checkpoint(our_segmentor(num_classes=19), str(mmseg_ckpt),
+                        strict=False)
 
 
 @pytest.mark.slow

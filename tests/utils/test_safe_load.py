@@ -282,3 +282,38 @@ def test_allowlist_has_no_general_getattr():
     functions = [g[0] if isinstance(g, tuple) else g for g in allowed]
     assert getattr not in functions and eval not in functions
     assert exec not in functions and pickle.loads not in functions
+
+
+def test_checksums_are_verified_for_paths_and_file_objects(tmp_path):
+    """A flipped bit inside a tensor (same length): torch.load alone returns
+    the altered value; load refuses, naming the member."""
+    import io
+    torch.save({'w': torch.arange(1000.)}, tmp_path / 'good.pth')
+    data = bytearray((tmp_path / 'good.pth').read_bytes())
+    data[data.index(b'data/0') + 400] ^= 0x01
+    (tmp_path / 'flip.pth').write_bytes(bytes(data))
+    altered = torch.load(tmp_path / 'flip.pth', weights_only=True)['w']
+    assert not torch.equal(altered, torch.arange(1000.))  # the hazard
+    for source in (str(tmp_path / 'flip.pth'), io.BytesIO(bytes(data))):
+        with pytest.raises(safe_load.CorruptCheckpointError,
+                           match=r'checksum \(CRC-32\) of its member '
+                           r'good/data/0 does not match'):
+            load(source)
+    buffer = io.BytesIO((tmp_path / 'good.pth').read_bytes())
+    buffer.seek(0)
+    assert torch.equal(load(buffer)['w'], torch.arange(1000.))
+
+
+def test_non_finite_weights_load_for_inspection_but_not_into_models(
+        tmp_path):
+    weights = {'a': torch.ones(3), 'b': torch.tensor([1., float('inf')]),
+               'steps': torch.tensor(3)}
+    torch.save({'state_dict': weights}, tmp_path / 'inf.pth')
+    path = str(tmp_path / 'inf.pth')
+    assert torch.isinf(load(path)['state_dict']['b']).any()
+    for read in (lambda: CheckpointLoader.load_checkpoint(path),
+                 lambda: _load_checkpoint(path)):
+        with pytest.raises(safe_load.NonFiniteCheckpointError,
+                           match=rf'checkpoint {path} has NaN/Inf values in '
+                           r'1 tensor\(s\): b\. '):
+            read()
