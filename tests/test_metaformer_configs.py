@@ -170,6 +170,7 @@ def sample_image(tmp_path_factory):
     return str(root / 'img.jpg'), str(root / 'img.png')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, slim_heads', RUNS)
 def test_builds_and_runs(name, slim_heads, sample_image):
     cfg = load(name)

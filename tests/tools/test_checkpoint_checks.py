@@ -9,12 +9,15 @@ channels), which is what an M36 file is to the S12 config. The tools run
 in-process (``main(argv)``) and stop before or after one iteration.
 """
 import os.path as osp
+import types
 
 import pytest
 import torch
 
 from poolformer_seg.apis import build_segmentor
+from poolformer_seg.engine import ConfigError
 from poolformer_seg.utils.loading import (CheckpointMismatchError,
+                                          check_class_count,
                                           ClassCountMismatchError)
 from poolformer_seg.utils.safe_load import (CheckpointError,
                                             CorruptCheckpointError,
@@ -58,7 +61,13 @@ def nineteen(tiny, make_tiny_config):
     config = make_tiny_config(root / 'c19.py', **TINY_MODEL,
                               **{'model.decode_head.num_classes': 19})
     torch.manual_seed(2)
-    model = build_segmentor(config)
+    # built from the model part alone: the whole config (a 19-class head on
+    # the 150-class dataset) is what the tools refuse
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+    init_default_scope('mmseg')
+    model = MODELS.build(Config.fromfile(config).model)
     model.init_weights()
     meta = dict(dataset_meta=dict(classes=tuple(f'c{i}' for i in range(19)),
                                   palette=[[i, i, i] for i in range(19)]))
@@ -115,13 +124,32 @@ def test_flipped_bits_are_refused_by_test_tool(tiny, load_tool, tmp_path):
 def test_19_class_model_on_150_class_dataset_is_refused(nineteen, load_tool,
                                                         tmp_path):
     config, checkpoint = nineteen
-    with pytest.raises(ClassCountMismatchError) as err:
+    # the config check refuses the head against the dataset before the
+    # checkpoint is read
+    with pytest.raises(ConfigError) as err:
         load_tool('test.py').main([config, checkpoint, '--work-dir',
                                    str(tmp_path / 'w')])
     message = str(err.value)
     assert 'model.decode_head.num_classes=19' in message
-    assert 'the dataset CheckedADE20KDataset has 150 classes' in message
-    assert 'meta.dataset_meta.classes: 19 (c0, c1, c2, ...)' in message
+    assert 'CheckedADE20KDataset) has 150 classes' in message
+
+
+def test_checkpoint_of_another_class_list_is_refused(nineteen, load_tool,
+                                                     tmp_path,
+                                                     make_tiny_config):
+    """A 19-class checkpoint with a head config and dataset that agree
+    (19 classes): the checkpoint's own class list must agree too."""
+    _, checkpoint = nineteen
+    classes = tuple(f'k{i}' for i in range(150))
+    config = make_tiny_config(tmp_path / 'cfg.py', **TINY_MODEL)
+    state = torch.load(checkpoint, weights_only=False)
+    state['meta']['dataset_meta']['classes'] = classes[:19]
+    dataset = types.SimpleNamespace(metainfo={'classes': classes})
+    with pytest.raises(ClassCountMismatchError) as err:
+        check_class_count(build_segmentor(config), dataset, state, checkpoint)
+    message = str(err.value)
+    assert 'model.decode_head.num_classes=150' in message
+    assert 'meta.dataset_meta.classes: 19 (k0, k1, k2, ...)' in message
 
 
 def train(load_tool, config, work_dir, *options, resume=False):

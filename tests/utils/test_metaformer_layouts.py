@@ -73,6 +73,7 @@ def test_sailsg_writer_inverts_timm_checkpoint_filter(timm_classifiers, arch):
 # Fidelity through the loader
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch, layout, fmt', [
     ('poolformerv2_s12', 'timm', 'safetensors'),
     ('convformer_s18', 'timm', 'bin'),

@@ -104,6 +104,7 @@ def test_output_norms_are_layernorms_over_channels():
 # the loader in tests/utils/test_metaformer_layouts.py)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', [
     'poolformerv2_s12', 'convformer_s18', 'caformer_s18'])
 def test_timm_weights_give_timm_stage_features(arch):
@@ -207,6 +208,7 @@ def test_attention_equals_explicit_softmax_attention():
 # A hybrid in a segmentor
 
 
+@pytest.mark.slow
 def test_hybrid_arch_trains_in_a_segmentor_and_every_stage_learns():
     """Pooling in the high-resolution stages, attention in the last two,
     under mmseg's FPN + FPNHead: a few AdamW steps on one batch lower the

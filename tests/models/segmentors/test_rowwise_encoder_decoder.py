@@ -74,6 +74,7 @@ def test_source_positions_are_pytorchs(in_size, out_size, align_corners):
     assert torch.equal(weights, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('align_corners', [False, True])
 @pytest.mark.parametrize('sizes', SIZES)
 def test_labels_agree_with_mmseg_resize_then_argmax(sizes, align_corners):
