@@ -196,6 +196,7 @@ def test_builds_and_runs(name, slim_heads, sample_image):
     assert result.pred_sem_seg.data.shape == (1, 333, 340)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', SMALLEST)
 def test_one_training_iteration(name):
     """One optimiser step of the config's own optim wrapper (fp32 on CPU) on

@@ -93,6 +93,7 @@ def test_debug_flag_and_variable_show_the_traceback(train, tmp_path,
         run_tool(train.main, [str(bad)])
 
 
+@pytest.mark.slow
 def test_command_line_prints_no_traceback(run_tool, tmp_path):
     """The real command: exit status 1, two lines on stderr, nothing on
     stdout (no environment dump), no traceback."""
@@ -107,6 +108,7 @@ def test_command_line_prints_no_traceback(run_tool, tmp_path):
     assert len(lines) == 2 and proc.stdout == ''
 
 
+@pytest.mark.slow
 def test_zero_byte_annotation_through_train_and_test(train, load_tool,
                                                      make_tiny_config,
                                                      ade_tiny, tmp_path,
