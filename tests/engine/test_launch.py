@@ -53,7 +53,8 @@ cfg.model.backbone.init_cfg = None
 cfg.model.decode_head.norm_cfg = dict(type='BN', requires_grad=True)
 MODELS.build(cfg.model)
 TRANSFORMS.build(dict(type='LoadAnnotations', reduce_zero_label=True))
-from mmseg.registry import HOOKS
+from mmseg.registry import HOOKS, VISUALIZERS
+VISUALIZERS.build(dict(type='SegLocalVisualizer', name='visualizer'))
 HOOKS.build(dict(type='SegVisualizationHook', draw=False))
 # torch's own text (DataLoader._check_worker_number_rationality)
 warnings.warn('This DataLoader will create 4 worker processes in total. '
