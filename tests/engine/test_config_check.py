@@ -12,6 +12,7 @@ from tests.conftest import REPO
 MMSEG_CONFIGS = osp.join(osp.dirname(mmseg.__file__), '.mim', 'configs')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', sorted(glob.glob(osp.join(
     REPO, 'configs', '*.py'))), ids=osp.basename)
 def test_every_project_config_passes(path):

@@ -159,6 +159,7 @@ def train(load_tool, config, work_dir, *options, resume=False):
                                               else []))
 
 
+@pytest.mark.slow
 def test_load_from_another_arch_stops_training(tiny, m36_like, load_tool,
                                                tmp_path, make_tiny_config):
     config = make_tiny_config(tmp_path / 'cfg.py', max_iters=1,
@@ -174,6 +175,7 @@ def test_load_from_another_arch_stops_training(tiny, m36_like, load_tool,
     assert not osp.exists(tmp_path / 'w' / 'iter_1.pth')
 
 
+@pytest.mark.slow
 def test_load_from_with_another_head_fine_tunes_and_says_so(
         nineteen, load_tool, tmp_path, make_tiny_config):
     """The 19-class checkpoint into the 150-class config: the head keeps
@@ -191,6 +193,7 @@ def test_load_from_with_another_head_fine_tunes_and_says_so(
     assert osp.isfile(work_dir / 'iter_1.pth')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['weights only', 'converted'])
 def test_resume_from_a_non_training_checkpoint_is_clear(
         tiny, load_tool, tmp_path, make_tiny_config, kind):

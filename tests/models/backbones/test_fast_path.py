@@ -106,6 +106,7 @@ def test_fused_block_equals_plain_block_float64(channels_last, drop_path):
                                    msg=lambda m: f'{name}: {m}')
 
 
+@pytest.mark.slow
 def test_fused_block_backward_passes_gradcheck():
     gen = torch.Generator().manual_seed(0)
 
@@ -161,6 +162,7 @@ FAST_OPTIONS = [dict(fused=True), dict(channels_last=True),
                 dict(fused=True, channels_last=True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('options', FAST_OPTIONS, ids=str)
 def test_fast_backbone_equals_plain_fp32(options):
     plain, fast = make_pair(**options)
@@ -174,6 +176,7 @@ def test_fast_backbone_equals_plain_fp32(options):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fused_with_drop_path_and_frozen_stages_equals_plain():
     options = dict(drop_path_rate=.3, frozen_stages=2)
     plain = randomize_(PoolFormer(TINY, init_cfg=None, **options), 0)
@@ -224,6 +227,7 @@ def test_fused_needs_groupnorm1_and_excludes_compile():
         PoolFormer(TINY, fused=True, compile=True)
 
 
+@pytest.mark.slow
 def test_fused_inference_keeps_only_low_precision_weight_casts():
     """fp32 inference uses the parameters themselves (no weight-sized
     copy); bf16 keeps its casts, reused until a parameter changes."""

@@ -287,6 +287,7 @@ def test_drop_path_rises_linearly_to_the_last_block():
     assert rates == pytest.approx([0, .075, .15, .225, .3])
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = randomize_metaformer_(MetaFormer(arch=TINY_HYBRID), 6).train()

@@ -137,6 +137,7 @@ def test_hf_weights_give_hf_stage_features(transformers, tmp_path, config,
                                            **TOL)
 
 
+@pytest.mark.slow
 def test_hf_model_directory_loads(transformers, tmp_path):
     hf = upstream.randomize_(
         transformers.PoolFormerModel(transformers.PoolFormerConfig(**HF_TINY)),
@@ -315,6 +316,7 @@ def test_train_returns_self():
     assert model.eval() is model
 
 
+@pytest.mark.slow
 def test_with_cp_gives_identical_gradients():
     torch.manual_seed(0)
     plain = upstream.randomize_(PoolFormer(arch=TINY), seed=4).train()
