@@ -92,9 +92,10 @@ def _import_timm_metaformer() -> types.ModuleType:
 
 
 def timm_metaformer() -> types.ModuleType:
-    """``timm.models.metaformer`` (skips the test if timm is missing)."""
+    """``timm.models.metaformer``; fails the test if timm is missing
+    (``scripts/setup_env.sh`` installs it), so a lost install step shows."""
     if importlib.util.find_spec('timm') is None:
-        pytest.skip(TIMM_INSTALL_HINT)
+        pytest.fail(TIMM_INSTALL_HINT)
     return _import_timm_metaformer()
 
 
