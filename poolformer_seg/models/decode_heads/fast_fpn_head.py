@@ -2,7 +2,6 @@
 import sys
 
 import torch
-from mmcv.cnn import ConvModule
 from mmseg.models.decode_heads import FPNHead
 from mmseg.models.losses import CrossEntropyLoss
 from mmseg.models.utils import Upsample, resize
@@ -11,6 +10,7 @@ from mmseg.registry import MODELS
 from ...compat import storage_users, upsample_bilinear_into
 from ..losses import resized_cross_entropy
 from ..utils import autocast_off
+from ..winograd import conv_module_forward
 
 
 class RecycledOutput:
@@ -89,10 +89,11 @@ class FastFPNHead(FPNHead):
     the head keeps one scratch tensor for their upsampling between calls.
 
     BatchNorm in eval mode (inference, or frozen statistics) is folded into
-    the preceding convolution of each scale head, as mmcv's
-    ``ConvModule(efficient_conv_bn_eval=True)`` does: one pass over those
+    the preceding convolution of each scale head: one pass over those
     activations instead of two, and one bf16 rounding fewer under autocast.
-    BatchNorm in training mode runs as it is.
+    At inference on CPU the large 3x3 convolutions run by Winograd's
+    F(4x4, 3x3) (:mod:`~poolformer_seg.models.winograd`). BatchNorm in
+    training mode runs as it is.
 
     Mixed precision: under autocast the classifier ``conv_seg`` runs in
     fp32, so the logits (and the loss computed from them) are fp32.
@@ -116,9 +117,6 @@ class FastFPNHead(FPNHead):
                 f'{", ".join(unsupported)}. Use type="FPNHead" for them')
         self._output = RecycledOutput()
         self._scratch = RecycledOutput()  # see forward
-        for module in self.scale_heads.modules():
-            if isinstance(module, ConvModule):
-                module.turn_on_efficient_conv_bn_eval()
 
     def _unsupported_options(self):
         """The head and loss settings the blockwise loss does not compute
@@ -149,14 +147,15 @@ class FastFPNHead(FPNHead):
         1024x2048 these are three 64 MB temporaries per call otherwise,
         each paid for again in page faults."""
         x = self._transform_inputs(inputs)
-        output = self.scale_heads[0](x[0])
+        output = self._scale_head_into(self.scale_heads[0], x[0], None)
         # any summand may need a gradient (a frozen first scale head, a
         # trainable later one): then nothing is written in place
         if torch.is_grad_enabled() and (
                 any(t.requires_grad for t in x) or
                 any(p.requires_grad for p in self.scale_heads.parameters())):
             for scale_head, feature in zip(self.scale_heads[1:], x[1:]):
-                output = output + self._to_size(scale_head(feature), output)
+                head = self._scale_head_into(scale_head, feature, None)
+                output = output + self._to_size(head, output)
             return self.cls_seg(output)
         scratch = self._scratch.take(output, output.shape)
         for scale_head, feature in zip(self.scale_heads[1:], x[1:]):
@@ -177,15 +176,21 @@ class FastFPNHead(FPNHead):
 
     @staticmethod
     def _scale_head_into(scale_head, feature, out):
-        """``scale_head(feature)``, with its final :class:`Upsample`
-        written into ``out`` when that has the result's shape, dtype and
-        memory format (the same ATen op as ``Upsample`` calls)."""
+        """``scale_head(feature)``, its convolutions run by
+        :func:`~poolformer_seg.models.winograd.conv_module_forward` (eval
+        BatchNorm folded, Winograd where it pays), and its final
+        :class:`Upsample` written into ``out`` when that has the result's
+        shape, dtype and memory format (the same ATen op as ``Upsample``
+        calls)."""
         *body, last = scale_head
-        if out is None or not isinstance(last, Upsample) or last.size or \
-                last.mode != 'bilinear':
-            return scale_head(feature)
+        if not isinstance(last, Upsample):
+            body, last = scale_head, None
         for module in body:
-            feature = module(feature)
+            feature = conv_module_forward(module, feature)
+        if last is None:
+            return feature
+        if out is None or last.size or last.mode != 'bilinear':
+            return last(feature)
         size = [int(t * last.scale_factor) for t in feature.shape[-2:]]
         if out.shape != feature.shape[:2] + tuple(size) or \
                 out.dtype != feature.dtype or not out.is_contiguous(

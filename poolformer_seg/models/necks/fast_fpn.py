@@ -4,6 +4,8 @@ from mmseg.models.necks import FPN
 from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 
+from ..winograd import conv_module_forward
+
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
@@ -34,7 +36,9 @@ class FastFPN(FPN):
     adds in place when no gradient needs the laterals (inference), the
     upsampling is ``FPN``'s default (nearest, to the finer lateral's size)
     and the finer lateral is exactly twice the coarser; otherwise each
-    addition is ``FPN``'s own. Extra output levels (``num_outs`` above the
+    addition is ``FPN``'s own. The output convolutions run through
+    :func:`~poolformer_seg.models.winograd.conv_module_forward` (Winograd
+    at inference on CPU, where it pays). Extra output levels (``num_outs`` above the
     number of inputs) go through ``FPN.forward`` unchanged.
 
     Layers, arguments and state-dict keys are ``FPN``'s.
@@ -52,7 +56,7 @@ class FastFPN(FPN):
             laterals[i - 1] = self._top_down(laterals[i - 1], laterals[i],
                                              inputs)
         return tuple(
-            fpn_conv(lateral)
+            conv_module_forward(fpn_conv, lateral)
             for fpn_conv, lateral in zip(self.fpn_convs, laterals))
 
     def _top_down(self, fine, coarse, inputs):

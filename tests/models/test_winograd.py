@@ -1,0 +1,188 @@
+"""Winograd F(4x4, 3x3) computes PyTorch's 3x3 convolution, is used exactly
+where the docs say, and the FPN neck and head that use it still compute
+mmseg's FPN and FPNHead."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn import ConvModule
+from mmseg.models.decode_heads import FPNHead
+from mmseg.models.necks import FPN
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from poolformer_seg.models import FastFPN, FastFPNHead, winograd
+from poolformer_seg.models.winograd import (
+    MIN_PIXELS,
+    conv_module_forward,
+    winograd_applies,
+    winograd_conv3x3,
+)
+from tests.helpers.upstream import randomize_
+
+# sizes around the 4x4 tiles: smaller than one tile, odd, not multiples
+SHAPES = [(2, 5, 7, 1, 1), (1, 8, 3, 13, 9), (2, 16, 12, 37, 50)]
+
+
+def _inputs(batch, channels, out_channels, height, width, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, height, width, generator=gen,
+                    dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(out_channels, channels, 3, 3, generator=gen,
+                         dtype=dtype)
+    bias = torch.randn(out_channels, generator=gen, dtype=dtype)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_equals_conv2d_in_float64(shape, with_bias):
+    x, weight, bias = _inputs(*shape, torch.float64)
+    bias = bias if with_bias else None
+    out = winograd_conv3x3(x, weight, bias)
+    expected = F.conv2d(x, weight, bias, padding=1)
+    assert out.shape == expected.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('shape', SHAPES + [(1, 64, 32, 66, 67)])
+def test_float32_rounding_stays_small(shape):
+    x, weight, bias = _inputs(*shape, torch.float32)
+    exact = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    out = winograd_conv3x3(x, weight, bias).double()
+    assert (out - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+def _conv(**kwargs):
+    return nn.Conv2d(8, 6, kwargs.pop('kernel_size', 3),
+                     padding=kwargs.pop('padding', 1), **kwargs)
+
+
+def _map(pixels=MIN_PIXELS, width=64, channels=8):
+    return torch.randn(1, channels, -(-pixels // width), width).contiguous(
+        memory_format=torch.channels_last)
+
+
+def test_applies_only_to_large_cpu_inference_in_full_precision():
+    conv = _conv()
+    with torch.no_grad():
+        assert winograd_applies(conv, _map())
+        assert not winograd_applies(conv, _map(MIN_PIXELS - 64))  # small
+        assert not winograd_applies(conv, _map().contiguous())  # NCHW
+        assert not winograd_applies(_conv(stride=2), _map())
+        assert not winograd_applies(_conv(dilation=2, padding=2), _map())
+        assert not winograd_applies(_conv(kernel_size=1, padding=0), _map())
+        assert not winograd_applies(conv, _map().bfloat16())
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert not winograd_applies(conv, _map())
+    # a gradient is needed: PyTorch's convolution and its backward
+    assert not winograd_applies(conv, _map())
+    assert winograd_applies(conv.requires_grad_(False), _map())
+    meta = _conv(device='meta')
+    with torch.no_grad():
+        assert not winograd_applies(meta, _map().to('meta'))
+
+
+def test_runs_on_fake_tensors_without_touching_another_device():
+    # every constant is made on the input's device: FakeTensorMode would
+    # reject a real CPU tensor meeting the fake inputs
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 30, 41).contiguous(
+            memory_format=torch.channels_last)
+        out = winograd_conv3x3(x, torch.empty(4, 16, 3, 3), torch.empty(4))
+    assert out.shape == (2, 4, 30, 41)
+    x = torch.empty(2, 16, 30, 41, device='meta')
+    meta = winograd_conv3x3(x, torch.empty(4, 16, 3, 3, device='meta'))
+    assert meta.shape == (2, 4, 30, 41) and meta.device.type == 'meta'
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the calls of :func:`winograd_conv3x3`."""
+    calls = []
+    real = winograd.winograd_conv3x3
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+    monkeypatch.setattr(winograd, 'winograd_conv3x3', counting)
+    return calls
+
+
+def _conv_module(**kwargs):
+    module = ConvModule(8, 6, 3, padding=1, norm_cfg=dict(type='BN'),
+                        **kwargs).double()
+    return randomize_(module, 0).eval()
+
+
+def test_conv_module_folds_eval_batch_norm_and_uses_winograd(counted):
+    module = _conv_module()
+    x = _map(pixels=70 * 64).double()
+    with torch.no_grad():
+        out = conv_module_forward(module, x)
+        expected = module(x)
+    assert len(counted) == 1
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_conv_module_in_training_runs_as_its_own_forward(counted):
+    module = _conv_module().train()
+    x = _map(pixels=70 * 64).double()
+    torch.manual_seed(0)
+    out = conv_module_forward(module, x)
+    assert not counted
+    out.sum().backward()  # differentiable, statistics in training mode
+    assert module.conv.weight.grad is not None
+    assert module.norm.num_batches_tracked == 1
+
+
+def test_frozen_batch_norm_training_matches_and_gives_gradients(counted):
+    module = _conv_module()  # eval BN, trainable conv: no Winograd
+    reference = _conv_module()
+    x = _map(pixels=70 * 64).double()
+    out, expected = conv_module_forward(module, x), reference(x)
+    assert not counted
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    out.sum().backward(), expected.sum().backward()
+    torch.testing.assert_close(module.conv.weight.grad,
+                               reference.conv.weight.grad)
+
+
+NECK = dict(in_channels=[4, 6, 8, 10], out_channels=5, num_outs=4)
+# the first level is above MIN_PIXELS, and not a multiple of 4 or 32
+LEVELS = [(66, 70), (33, 35), (17, 18), (9, 9)]
+
+
+def _features(channels, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(1, c, h, w, generator=gen, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+        for c, (h, w) in zip(channels, LEVELS)]
+
+
+def test_fast_fpn_equals_fpn_with_winograd(counted):
+    plain = randomize_(FPN(**NECK), 0).double().eval()
+    fast = FastFPN(**NECK).double().eval()
+    fast.load_state_dict(plain.state_dict())
+    inputs = _features(NECK['in_channels'])
+    with torch.no_grad():
+        ours, ref = fast(inputs), plain(inputs)
+    assert counted == [(1, 5, 66, 70)]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fast_fpn_head_equals_fpn_head_with_winograd(counted):
+    cfg = dict(in_channels=[8, 8, 8, 8], in_index=[0, 1, 2, 3],
+               feature_strides=[4, 8, 16, 32], channels=6, dropout_ratio=0.,
+               num_classes=5, norm_cfg=dict(type='BN'), align_corners=False)
+    plain = randomize_(FPNHead(**cfg), 0).double().eval()
+    fast = FastFPNHead(**cfg).double().eval()
+    fast.load_state_dict(plain.state_dict())
+    inputs = _features([8] * 4)
+    with torch.no_grad():
+        ours, ref = fast(inputs), plain(inputs)
+    # the stride-4 scale head and the last 3x3 of each coarser scale head
+    # (applied at half the stride-4 size, 33x35, below MIN_PIXELS: direct)
+    assert counted == [(1, 8, 66, 70)]
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
