@@ -57,15 +57,15 @@ class _ShapeUpsample(nn.Module):
                              align_corners=self.align_corners)
 
 
-def _unfuse(module: nn.Module) -> None:
-    """Plain blocks for tracing: the fused block's inference path reuses
-    folded weights keyed by tensor addresses, which ``torch.export`` cannot
-    trace; the plain block computes the same function (and ONNX runtimes
-    fuse it themselves)."""
-    from poolformer_seg.models.backbones.poolformer import PoolFormerBlock
-    for block in module.modules():
-        if isinstance(block, PoolFormerBlock):
-            block.fused = False
+def _plain_backbones(module: nn.Module) -> None:
+    """Plain PoolFormer blocks for tracing (``set_impl('plain')``): the
+    fused block's inference path reuses folded weights keyed by tensor
+    addresses, which ``torch.export`` cannot trace; the plain block computes
+    the same function (and ONNX runtimes fuse it themselves)."""
+    from poolformer_seg.models.backbones.poolformer import PoolFormer
+    for backbone in module.modules():
+        if isinstance(backbone, PoolFormer):
+            backbone.set_impl('plain')
 
 
 def _replace_upsamples(module: nn.Module) -> None:
@@ -101,7 +101,7 @@ class SegmentorForExport(nn.Module):
                              'sliding window needs a loop over the image)')
         model = copy.deepcopy(segmentor).cpu().eval()
         _replace_upsamples(model)
-        _unfuse(model)
+        _plain_backbones(model)
         preprocessor = model.data_preprocessor
         self.segmentor = model
         self.align_corners = model.decode_head.align_corners
