@@ -63,3 +63,24 @@ def test_neck_channels_checked_for_metaformer_backbones():
     cfg.model.neck.in_channels = [64, 128, 320, 512]  # the s12 widths
     with pytest.raises(ConfigError, match=r'model\.neck\.in_channels'):
         check_config(cfg, path)
+
+
+def test_model_impl_is_accepted_and_checked(tmp_path):
+    """--cfg-options model.impl=plain passes on our configs; a bad value,
+    or the switch on mmseg's EncoderDecoder (which has none), is refused
+    naming model.impl. EncoderDecoder without it stays fine."""
+    path = osp.join(REPO, 'configs', 'fpn_poolformer_s12_ade20k.py')
+    cfg = read_config(path)
+    for impl in ('fast', 'plain'):
+        cfg.merge_from_dict({'model.impl': impl})
+        check_config(cfg, path)
+    cfg.merge_from_dict({'model.impl': 'fused'})
+    with pytest.raises(ConfigError, match=r"model\.impl='fused' is not "
+                       r"known; choose one of \['fast', 'plain'\]"):
+        check_config(cfg, path)
+    cfg.merge_from_dict({'model.impl': 'plain', 'model.type': 'EncoderDecoder'})
+    with pytest.raises(ConfigError, match=r"model\.impl is set but "
+                       r"model\.type='EncoderDecoder' has no impl switch"):
+        check_config(cfg, path)
+    cfg.model.pop('impl')
+    check_config(cfg, path)
