@@ -176,6 +176,7 @@ def test_fast_path_model_exports_and_matches(make_tiny_config, tmp_path):
     path = str(tmp_path / 'fast.onnx')
     export_onnx(model, path, example_shape=(96, 128))
     assert model.backbone.stages[0].blocks[0].fused  # the original is kept
+    assert type(model.neck).__name__ == 'FastFPN'
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     images = [smooth_image(96, 128, seed=i) for i in range(2)]
     reference = reference_logits(model, images).numpy()
