@@ -279,6 +279,6 @@ def check_model_impl(cfg: Config) -> None:
         raise ConfigError(
             f'model.impl is set but model.type={kind!r} has no impl switch. '
             f"Set model.type='RowwiseEncoderDecoder' (EncoderDecoder's "
-            f'layers and weights, with the switch), or remove model.impl '
-            f"(inherited from a _base_ model: redefine model with "
-            f"_delete_=True)')
+            'layers and weights, with the switch), or remove model.impl '
+            '(inherited from a _base_ model: redefine model with '
+            '_delete_=True)')
