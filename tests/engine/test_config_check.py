@@ -78,7 +78,8 @@ def test_model_impl_is_accepted_and_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.impl='fused' is not "
                        r"known; choose one of \['fast', 'plain'\]"):
         check_config(cfg, path)
-    cfg.merge_from_dict({'model.impl': 'plain', 'model.type': 'EncoderDecoder'})
+    cfg.merge_from_dict({'model.impl': 'plain',
+                         'model.type': 'EncoderDecoder'})
     with pytest.raises(ConfigError, match=r"model\.impl is set but "
                        r"model\.type='EncoderDecoder' has no impl switch"):
         check_config(cfg, path)
@@ -93,8 +94,8 @@ def test_mmseg_encoder_decoder_with_our_backbone_is_fine():
     from mmseg.registry import MODELS
     cfg = Config(dict(model=dict(
         type='EncoderDecoder',
-        backbone=dict(type='PoolFormer', arch=dict(layers=[1] * 4,
-                                                   embed_dims=[8, 16, 24, 32])),
+        backbone=dict(type='PoolFormer', arch=dict(
+            layers=[1] * 4, embed_dims=[8, 16, 24, 32])),
         neck=dict(type='FPN', in_channels=[8, 16, 24, 32], out_channels=8,
                   num_outs=4),
         decode_head=dict(type='FPNHead', in_channels=[8] * 4,
