@@ -15,7 +15,8 @@
 # trains at an almost constant lr of 2e-4.
 #
 # Environment: ITERS (default 20), DATA (default data/ade_synthetic),
-# CONFIG (default the S12 config; its *_fast twin computes the same, faster),
+# CONFIG (default the S12 config, which runs the fast path; tools/train.py
+# with --cfg-options model.impl=plain runs upstream mmseg's path),
 # WORK (default work_dirs/demo_s12).
 set -euo pipefail
 cd "$(dirname "$0")/.."

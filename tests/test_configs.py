@@ -45,6 +45,7 @@ def test_s12_values_match_upstream():
     model = cfg.model
     # mmseg's EncoderDecoder with a row-by-row label map (same layers)
     assert model.type == 'RowwiseEncoderDecoder'
+    assert model.impl == 'fast'  # impl='plain': FPN, FPNHead as upstream
     assert model.data_preprocessor == dict(
         type='SegDataPreProcessor', mean=[123.675, 116.28, 103.53],
         std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0,
@@ -56,12 +57,12 @@ def test_s12_values_match_upstream():
     assert backbone.init_cfg == dict(
         type='Pretrained', checkpoint=OPENMMLAB + 'poolformer-s12_3rdparty_'
         '32xb128_in1k_20220414-f8d83051.pth')
-    assert model.neck == dict(type='FPN', in_channels=[64, 128, 320, 512],
+    assert model.neck == dict(type='FastFPN', in_channels=[64, 128, 320, 512],
                               out_channels=256, num_outs=4)
     head = model.decode_head
     assert (head.type, head.channels, head.dropout_ratio, head.num_classes,
             head.norm_cfg.type, head.align_corners, head.in_index,
-            head.feature_strides) == ('FPNHead', 128, 0.1, 150, 'SyncBN',
+            head.feature_strides) == ('FastFPNHead', 128, 0.1, 150, 'SyncBN',
                                       False, [0, 1, 2, 3], [4, 8, 16, 32])
     assert head.loss_decode == dict(type='CrossEntropyLoss',
                                     use_sigmoid=False, loss_weight=1.0)
@@ -154,25 +155,81 @@ def test_builds_and_runs(variant, sample_image):
     assert result.gt_sem_seg.data.shape == (1, 333, 340)
 
 
-def fast_config_path(variant):
-    return config_path(variant).replace('_ade20k.py', '_ade20k_fast.py')
+def build_config_model(variant, impl=None, device=None):
+    """The config's segmentor, without downloads (``init_cfg=None``);
+    ``impl``: ``model.impl`` as ``--cfg-options model.impl=...`` sets it."""
+    init_default_scope('mmseg')
+    cfg = Config.fromfile(config_path(variant))
+    if impl is not None:
+        cfg.merge_from_dict({'model.impl': impl})
+    cfg.model.backbone.init_cfg = None
+    with torch.device(device or 'cpu'):
+        return revert_sync_batchnorm(MODELS.build(cfg.model))
+
+
+def blocks_of(model):
+    return [block for stage in model.backbone.stages
+            for block in stage.blocks]
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_configs_build_the_fast_path_and_model_impl_plain_the_plain_one(
+        variant):
+    """The configs as they are: every block fused, channels_last weights,
+    FastFPN, FastFPNHead. ``model.impl=plain``: mmseg's FPN and FPNHead
+    (exact classes), plain NCHW blocks, mmseg's postprocess (full-size
+    seg_logits). Built on ``meta``: the structure, not the numbers."""
+    from mmseg.models.decode_heads import FPNHead
+    from mmseg.models.necks import FPN
+    from mmseg.models.segmentors import EncoderDecoder
+
+    from poolformer_seg.models import FastFPN, FastFPNHead
+    fast = build_config_model(variant, device='meta')
+    plain = build_config_model(variant, 'plain', device='meta')
+    layers = dict(s12=12, s24=24, s36=36, m36=36, m48=48)[variant]
+    assert len(blocks_of(fast)) == len(blocks_of(plain)) == layers
+    assert fast.backbone.impl == 'fast'
+    assert all(block.fused for block in blocks_of(fast))
+    convs = [p for p in fast.backbone.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in convs)
+    assert not fast.backbone.stem.proj.weight.is_contiguous()  # 7x7: NHWC
+    assert type(fast.neck) is FastFPN and type(fast.decode_head) is FastFPNHead
+
+    assert plain.backbone.impl == 'plain'
+    assert not any(block.fused for block in blocks_of(plain))
+    assert all(p.is_contiguous() for p in plain.backbone.parameters())
+    assert type(plain.neck) is FPN and type(plain.decode_head) is FPNHead
+    assert plain.state_dict().keys() == fast.state_dict().keys()
+
+    # postprocess: mmseg's (full-size seg_logits) only for impl='plain'
+    logits = torch.randn(1, 150, 8, 10)
+    for model, mmseg_postprocess in ((plain, True), (fast, False)):
+        sample = SegDataSample(metainfo=dict(
+            ori_shape=(30, 41), img_shape=(32, 40), pad_shape=(32, 40),
+            padding_size=[0, 0, 0, 0]))
+        result, = model.postprocess_result(logits, [sample])
+        assert ('seg_logits' in result) == mmseg_postprocess
+        assert result.pred_sem_seg.data.shape == (1, 30, 41)
+        if mmseg_postprocess:
+            want, = EncoderDecoder.postprocess_result(
+                plain, logits, [SegDataSample(metainfo=sample.metainfo)])
+            assert torch.equal(result.seg_logits.data, want.seg_logits.data)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_fast_config_computes_the_plain_config(variant):
-    """The *_fast configs differ only by the fast path: same parameters,
-    the same logits in fp32 (to 1e-4), and in float64 the same training
-    loss and gradients to 1e-9 (fp32 alone cannot tell: BN over the 3x4
-    stride-32 maps of a small batch amplifies rounding to ~1e-2)."""
-    init_default_scope('mmseg')
-    models = []
-    for path in (config_path(variant), fast_config_path(variant)):
-        cfg = Config.fromfile(path)
-        cfg.model.backbone.init_cfg = None
-        models.append(revert_sync_batchnorm(MODELS.build(cfg.model)))
-    plain, fast = models
-    assert fast.backbone.fused and fast.backbone.channels_last
+    """The config as it is (fast) and with ``model.impl=plain`` differ only
+    by the fast path: same parameters, the same logits in fp32 (to 1e-4),
+    and in float64 the same training loss and gradients to 1e-9 (fp32
+    alone cannot tell: BN over the 3x4 stride-32 maps of a small batch
+    amplifies rounding to ~1e-2)."""
+    plain = build_config_model(variant, 'plain')
+    fast = build_config_model(variant)
+    assert all(block.fused for block in blocks_of(fast))
+    assert fast.backbone.stem.proj.weight.is_contiguous(
+        memory_format=torch.channels_last)
     assert type(fast.decode_head).__name__ == 'FastFPNHead'
     with torch.no_grad():  # non-trivial weights: healthy gradients
         randomize_(plain, 0)

@@ -257,7 +257,8 @@ def _corrupted_file(kind, arg, path) -> dict:
         state[arg] = torch.ones(3)
     else:
         key, value = arg
-        state[key] = state[key].clone()
+        # flattened in memory order: fast-path weights are channels_last
+        state[key] = state[key].clone(memory_format=torch.contiguous_format)
         state[key].view(-1)[0] = value
     torch.save({'meta': {}, 'state_dict': state}, path)
     return state

@@ -5,9 +5,10 @@
         --modes infer train --markdown bench.md --plot bench.png
 
 One run builds the config's segmentor twice with identical weights: *ours*
-(the config with the fast path, as the ``*_fast`` configs set it, unless
-``--no-fast``; ``--channels-last``/``--compile`` select parts of it) and
-the *reference*, the same FPN/FPNHead over MMPretrain 1.2.0's PoolFormer source
+(the config as it is: the fast path by default, ``--cfg-options
+model.impl=plain`` for the plain one) and the *reference*, the same config
+with ``model.impl='plain'`` (mmseg's own FPN and FPNHead, as mmseg builds
+them) over MMPretrain 1.2.0's PoolFormer source
 (``tools/upstream_reference.py``), eager, NCHW. For every mode, input
 size and batch size the variants (model x dtype) are timed in turns, so that
 background load hits all of them alike, and medians are reported:
@@ -90,18 +91,6 @@ def parse_args(argv=None):
                    help='untimed runs per variant first')
     p.add_argument('--threads', type=int, default=os.cpu_count(),
                    help='torch CPU threads')
-    p.add_argument('--channels-last', action='store_true',
-                   help='ours: backbone channels_last=True (the neck and '
-                   'head follow their input layout)')
-    p.add_argument('--fast', action=argparse.BooleanOptionalAction,
-                   default=True,
-                   help='ours: the fast path (backbone fused=True and '
-                   'channels_last=True, FastFPN for FPN, FastFPNHead for '
-                   'FPNHead), as the '
-                   '*_fast configs set it; --no-fast: the config as it is')
-    p.add_argument('--compile', action='store_true',
-                   help='ours: backbone compile=True, fused=False '
-                   '(torch.compile)')
     p.add_argument('--reference', action=argparse.BooleanOptionalAction,
                    default=True, help='also run the mmpretrain reference')
     p.add_argument('--memory', action=argparse.BooleanOptionalAction,
@@ -113,7 +102,8 @@ def parse_args(argv=None):
     p.add_argument('--plot', metavar='OUT.png')
     p.add_argument('--json', metavar='OUT.json', help='raw report')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
-                   help='override config settings, key=value')
+                   help='override config settings, key=value (ours: '
+                   'model.impl=plain for the plain path)')
     p.add_argument('--probe', help=argparse.SUPPRESS)  # memory worker
     add_debug_argument(p)
     args = p.parse_args(argv)
@@ -142,17 +132,13 @@ def model_config(args):
             or 'backbone' not in model:
         raise ValueError(f'{args.config}: expected an EncoderDecoder model')
     model.backbone.init_cfg = None  # weights come from randomize/checkpoint
-    if args.channels_last or args.fast:
-        model.backbone.channels_last = True
-    if args.fast:
-        model.backbone.fused = True
-        if model.get('neck', {}).get('type') == 'FPN':
-            model.neck.type = 'FastFPN'
-        if model.decode_head.get('type') == 'FPNHead':
-            model.decode_head.type = 'FastFPNHead'
-    if args.compile:  # inductor fuses the plain block itself
-        model.backbone.update(compile=True, fused=False)
     return model
+
+
+def ours_impl(args):
+    """The ``model.impl`` that *ours* runs with (the config's, after
+    ``--cfg-options``; segmentors without the switch run as configured)."""
+    return model_config(args).get('impl', 'fast')
 
 
 def build_segmentor(model_cfg):
@@ -197,23 +183,20 @@ def upstream_reference():
     return module
 
 
-def reference_of(ours):
-    """The same segmentor with mmpretrain's PoolFormer and mmseg's FPN and
-    FPNHead; same weights."""
-    from mmseg.models.decode_heads import FPNHead
-    from mmseg.models.necks import FPN
-    from poolformer_seg.models import FastFPN, FastFPNHead
-    ref = copy.deepcopy(ours)
-    # eager, NCHW, plain: only our backbone knows the fast-path flags
-    ref.backbone = upstream_reference().build_reference(ours.backbone)
-    # FastFPN and FastFPNHead only change how FPN and FPNHead compute:
-    # with the plain class, the same module (layers, weights, settings) is
-    # mmseg's
-    if isinstance(getattr(ref, 'neck', None), FastFPN):
-        ref.neck.__class__ = FPN
-    if isinstance(ref.decode_head, FastFPNHead):
-        ref.decode_head.__class__ = FPNHead
-    ref.to(memory_format=torch.contiguous_format)
+def reference_of(model_cfg, ours):
+    """The segmentor of ``model_cfg`` as upstream computes it, with the
+    weights of ``ours``: built with ``model.impl='plain'`` (mmseg's FPN and
+    FPNHead, constructed by mmseg: nothing of our fast modules carries
+    over), then mmpretrain's PoolFormer in place of the backbone."""
+    ref_cfg = copy.deepcopy(model_cfg)
+    # an EncoderDecoder config: the same layers; RowwiseEncoderDecoder takes
+    # the impl switch, and with impl='plain' predicts as EncoderDecoder does
+    ref_cfg.update(type='RowwiseEncoderDecoder', impl='plain')
+    ref_cfg.backbone.pop('impl', None)  # model.impl decides
+    ref = build_segmentor(ref_cfg)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ref.train(ours.training)
+    ref.backbone = upstream_reference().build_reference(ref.backbone)
     return ref
 
 
@@ -231,7 +214,7 @@ def build_pair(args, device, state=None):
         randomize_(ours, args.seed)
     models = {'ours': ours}
     if args.reference:
-        models['reference'] = reference_of(ours)
+        models['reference'] = reference_of(model_cfg, ours)
     return {k: m.to(device) for k, m in models.items()}
 
 
@@ -615,9 +598,8 @@ def environment(args):
                    sys.argv[1:]),
                torch=torch.__version__, device=args.device, cpu=cpu,
                threads=args.threads, cpu_count=os.cpu_count(),
-               config=args.config, fast=args.fast,
-               channels_last=args.channels_last or args.fast,
-               compile=args.compile, weights=args.checkpoint or
+               config=args.config, impl=ours_impl(args),
+               weights=args.checkpoint or
                f'random (seed {args.seed})', repeats=args.repeats,
                warmup=args.warmup)
     if args.device == 'cuda':
@@ -638,7 +620,7 @@ def to_markdown(report):
         f"{env['date']}; torch {env['torch']}; {env['device']} "
         f"({env.get('gpu', env['cpu'])}); {env['threads']} threads; "
         f"weights: {env['weights']}; ours: "
-        f"{'fast path' if env.get('fast') else 'the config as it is'}; "
+        f"impl={env.get('impl')}; "
         f"median of {env['repeats']} runs after {env['warmup']} warm-up.",
         '',
         '| mode | size | batch | model | dtype | median ms | img/s '

@@ -57,15 +57,34 @@ class _ShapeUpsample(nn.Module):
                              align_corners=self.align_corners)
 
 
-def _unfuse(module: nn.Module) -> None:
-    """Plain blocks for tracing: the fused block's inference path reuses
-    folded weights keyed by tensor addresses, which ``torch.export`` cannot
-    trace; the plain block computes the same function (and ONNX runtimes
-    fuse it themselves)."""
-    from poolformer_seg.models.backbones.poolformer import PoolFormerBlock
-    for block in module.modules():
-        if isinstance(block, PoolFormerBlock):
-            block.fused = False
+def _plain_modules(module: nn.Module) -> None:
+    """The plain implementation of our fast modules, for tracing.
+
+    PoolFormer backbones get ``set_impl('plain')``: the fused block's
+    inference path reuses folded weights keyed by tensor addresses, which
+    ``torch.export`` cannot trace; the plain block computes the same
+    function (and ONNX runtimes fuse it themselves). ``FastFPN`` and
+    ``FastFPNHead`` hold exactly the modules and settings of mmseg's ``FPN``
+    and ``FPNHead`` and override only how they compute (storage checks that
+    fake tensors cannot answer, resizes skipped when the traced example's
+    sizes happen to match), so they become those classes; the head's one
+    construction-time change, BN folded into its convolutions in eval, is
+    turned off again.
+    """
+    from mmcv.cnn import ConvModule
+    from mmseg.models.decode_heads import FPNHead
+    from mmseg.models.necks import FPN
+
+    from poolformer_seg.models import FastFPN, FastFPNHead, PoolFormer
+    plain_classes = {FastFPN: FPN, FastFPNHead: FPNHead}
+    for child in list(module.modules()):
+        if isinstance(child, PoolFormer):
+            child.set_impl('plain')
+        elif type(child) in plain_classes:
+            child.__class__ = plain_classes[type(child)]
+            for conv in child.modules():
+                if isinstance(conv, ConvModule):
+                    conv.turn_on_efficient_conv_bn_eval(False)
 
 
 def _replace_upsamples(module: nn.Module) -> None:
@@ -101,7 +120,7 @@ class SegmentorForExport(nn.Module):
                              'sliding window needs a loop over the image)')
         model = copy.deepcopy(segmentor).cpu().eval()
         _replace_upsamples(model)
-        _unfuse(model)
+        _plain_modules(model)
         preprocessor = model.data_preprocessor
         self.segmentor = model
         self.align_corners = model.decode_head.align_corners

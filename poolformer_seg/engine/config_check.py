@@ -10,7 +10,11 @@ Mistakes that MMEngine accepts silently or reports far from their cause:
   ``IndexError`` from the loss, or metrics over the wrong classes;
 * ``model.neck.in_channels`` unlike the channels that the backbone returns
   for its ``out_indices``: an assertion without a message, or a shape error
-  in the first forward.
+  in the first forward;
+* ``model.impl`` (``--cfg-options model.impl=plain``, the switch between the
+  fast path and upstream mmseg's computation) with a value other than
+  ``'fast'``/``'plain'``, or on a segmentor type without the switch (mmseg's
+  ``EncoderDecoder``): a ``TypeError`` from deep inside the build.
 
 Each raises :class:`ConfigError` naming the file or key and the fix.
 """
@@ -135,6 +139,7 @@ def check_config(cfg: Config, source: Optional[str] = None) -> None:
     check_top_level_keys(cfg, source)
     check_num_classes(cfg)
     check_neck_channels(cfg)
+    check_model_impl(cfg)
 
 
 def check_top_level_keys(cfg: Config, source: Optional[str] = None) -> None:
@@ -253,3 +258,27 @@ def check_neck_channels(cfg: Config) -> None:
         f'returns {len(expected)} feature maps with {expected} channels. '
         f'Set model.neck.in_channels={expected}, or change '
         'model.backbone.out_indices')
+
+
+def check_model_impl(cfg: Config) -> None:
+    """``model.impl``: a known value, on a segmentor type that takes it."""
+    from mmseg.registry import MODELS
+
+    from poolformer_seg.models.segmentors.rowwise_encoder_decoder import \
+        IMPLS
+    model = cfg.get('model')
+    if not isinstance(model, dict) or 'impl' not in model:
+        return
+    if model['impl'] not in IMPLS:
+        raise ConfigError(f'model.impl={model["impl"]!r} is not known; '
+                          f'choose one of {list(IMPLS)}')
+    kind = model.get('type')
+    model_cls = MODELS.get(kind) if isinstance(kind, str) else kind
+    if isinstance(model_cls, type) and \
+            'impl' not in inspect.signature(model_cls).parameters:
+        raise ConfigError(
+            f'model.impl is set but model.type={kind!r} has no impl switch. '
+            f"Set model.type='RowwiseEncoderDecoder' (EncoderDecoder's "
+            'layers and weights, with the switch), or remove model.impl '
+            '(inherited from a _base_ model: redefine model with '
+            '_delete_=True)')

@@ -63,3 +63,46 @@ def test_neck_channels_checked_for_metaformer_backbones():
     cfg.model.neck.in_channels = [64, 128, 320, 512]  # the s12 widths
     with pytest.raises(ConfigError, match=r'model\.neck\.in_channels'):
         check_config(cfg, path)
+
+
+def test_model_impl_is_accepted_and_checked(tmp_path):
+    """--cfg-options model.impl=plain passes on our configs; a bad value,
+    or the switch on mmseg's EncoderDecoder (which has none), is refused
+    naming model.impl. EncoderDecoder without it stays fine."""
+    path = osp.join(REPO, 'configs', 'fpn_poolformer_s12_ade20k.py')
+    cfg = read_config(path)
+    for impl in ('fast', 'plain'):
+        cfg.merge_from_dict({'model.impl': impl})
+        check_config(cfg, path)
+    cfg.merge_from_dict({'model.impl': 'fused'})
+    with pytest.raises(ConfigError, match=r"model\.impl='fused' is not "
+                       r"known; choose one of \['fast', 'plain'\]"):
+        check_config(cfg, path)
+    cfg.merge_from_dict({'model.impl': 'plain',
+                         'model.type': 'EncoderDecoder'})
+    with pytest.raises(ConfigError, match=r"model\.impl is set but "
+                       r"model\.type='EncoderDecoder' has no impl switch"):
+        check_config(cfg, path)
+    cfg.model.pop('impl')
+    check_config(cfg, path)
+
+
+def test_mmseg_encoder_decoder_with_our_backbone_is_fine():
+    """A user's own mmseg EncoderDecoder (no impl switch) over PoolFormer
+    passes the checks and builds, with the fast backbone by default."""
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+    cfg = Config(dict(model=dict(
+        type='EncoderDecoder',
+        backbone=dict(type='PoolFormer', arch=dict(
+            layers=[1] * 4, embed_dims=[8, 16, 24, 32])),
+        neck=dict(type='FPN', in_channels=[8, 16, 24, 32], out_channels=8,
+                  num_outs=4),
+        decode_head=dict(type='FPNHead', in_channels=[8] * 4,
+                         in_index=[0, 1, 2, 3], feature_strides=[4, 8, 16, 32],
+                         channels=8, num_classes=3))))
+    check_config(cfg)
+    init_default_scope('mmseg')
+    model = MODELS.build(cfg.model)
+    assert type(model).__name__ == 'EncoderDecoder'
+    assert model.backbone.impl == 'fast'

@@ -12,9 +12,6 @@ import torch
 
 from tests.conftest import S12_CONFIG
 
-FAST = []  # the default: --fast
-
-
 @pytest.fixture(scope='module')
 def bench(load_tool):
     return load_tool('benchmark.py')
@@ -27,8 +24,7 @@ def report(bench, tmp_path_factory):
             '--dtype', 'fp32', 'bf16', '--modes', 'infer', 'train',
             '--repeats', '2', '--warmup', '0', '--threads', '1',
             '--no-memory', '--json', str(out / 'r.json'),
-            '--markdown', str(out / 'r.md'), '--plot', str(out / 'r.png'),
-            *FAST]
+            '--markdown', str(out / 'r.md'), '--plot', str(out / 'r.png')]
     bench.main(argv)
     with open(out / 'r.json') as f:
         return json.load(f), out
@@ -50,7 +46,7 @@ def test_report_has_every_variant_with_medians_and_ratios(report):
         assert r['speedup_vs_ref_fp32'] == pytest.approx(
             ref['median_ms'] / r['median_ms'])
     env = data['environment']
-    assert env['fast'] and env['channels_last'] and env['threads'] == 1
+    assert env['impl'] == 'fast' and env['threads'] == 1
     assert {(s['model'], s['dtype'], s['mode']) for s in data['scaling']} \
         == {(m, d, mode) for m in ('ours', 'reference')
             for d in ('fp32', 'bf16') for mode in ('infer', 'train')}
@@ -86,13 +82,49 @@ def test_markdown_and_plot_files(report):
 @pytest.mark.slow
 def test_agreement_check_catches_different_weights(bench):
     """The check compares real outputs: perturbed weights are caught."""
-    args = bench.parse_args([S12_CONFIG, '--threads', '1', *FAST])
+    args = bench.parse_args([S12_CONFIG, '--threads', '1'])
     models = bench.build_pair(args, 'cpu')
     with torch.no_grad():
         models['reference'].backbone.network[0][0].layer_scale_1.mul_(1.5)
     images, samples = bench.make_inputs(1, (64, 64), 150, 'cpu', 0)
     result = bench.agreement(models, images, samples, ['fp32'], 'cpu')
     assert result['ours/fp32']['max_abs_diff_to_reference'] > 1e-2
+
+
+def test_ours_is_the_fast_config_and_plain_is_one_option(bench):
+    """No flags: the config as it is (fast); model.impl=plain: plain."""
+    fast = bench.build_segmentor(bench.model_config(
+        bench.parse_args([S12_CONFIG])))
+    assert fast.backbone.stages[0].blocks[0].fused
+    assert type(fast.decode_head).__name__ == 'FastFPNHead'
+    args = bench.parse_args([S12_CONFIG, '--cfg-options', 'model.impl=plain'])
+    assert bench.ours_impl(args) == 'plain'
+    plain = bench.build_segmentor(bench.model_config(args))
+    assert not plain.backbone.stages[0].blocks[0].fused
+    assert type(plain.decode_head).__name__ == 'FPNHead'
+
+
+def test_reference_is_mmseg_as_built_by_mmseg(bench):
+    """The reference's neck and head are mmseg's exact classes, built by
+    mmseg: none of FastFPNHead's ConvModule settings (efficient conv-bn
+    eval) carry over, and the weights are ours."""
+    from mmcv.cnn import ConvModule
+    from mmseg.models.decode_heads import FPNHead
+    from mmseg.models.necks import FPN
+    args = bench.parse_args([S12_CONFIG, '--threads', '1'])
+    models = bench.build_pair(args, 'cpu')
+    ours, ref = models['ours'], models['reference']
+    assert type(ref.neck) is FPN and type(ref.decode_head) is FPNHead
+    assert type(ref.backbone).__module__ == '_mmpretrain_backbones.poolformer'
+    convs = [m for m in ref.modules() if isinstance(m, ConvModule)]
+    assert convs and all(m.efficient_conv_bn_eval_forward is None
+                         for m in convs)
+    # ours does fold them (so the check above can fail)
+    assert any(m.efficient_conv_bn_eval_forward is not None
+               for m in ours.decode_head.modules()
+               if isinstance(m, ConvModule))
+    for name, value in ref.decode_head.state_dict().items():
+        assert torch.equal(value, ours.decode_head.state_dict()[name]), name
 
 
 class _TinySegmentor(torch.nn.Module):
@@ -136,7 +168,7 @@ def test_memory_probe_reports_peak(run_tool, tmp_path):
     out = tmp_path / 'm.json'
     run_tool('benchmark.py', S12_CONFIG, '--sizes', '64x64', '--dtype',
              'fp32', '--modes', 'train', '--repeats', '1', '--warmup', '0',
-             '--threads', '1', '--no-reference', '--json', out, *FAST)
+             '--threads', '1', '--no-reference', '--json', out)
     (record, ) = json.loads(out.read_text())['records']
     assert record['model'] == 'ours'
     assert 0 < record['peak_delta_mb'] < record['peak_mb']

@@ -163,19 +163,20 @@ def test_docs_snippet_reproduces_predict_mask(exported, tmp_path):
 
 @pytest.mark.slow
 def test_fast_path_model_exports_and_matches(make_tiny_config, tmp_path):
-    """A *_fast-style model (fused blocks, channels_last, FastFPNHead)
-    exports through the plain blocks and computes the same logits."""
+    """A fast-path model (impl='fast': fused blocks, channels_last,
+    FastFPNHead) exports through the plain blocks and computes the same
+    logits."""
     from poolformer_seg.apis.export import export_onnx
     config = make_tiny_config(tmp_path / 'tiny.py', **TINY_MODEL)
     checkpoint = str(tmp_path / 'tiny.pth')
     save_random_checkpoint(config, checkpoint)
     model = init_model(config, checkpoint, device='cpu', cfg_options={
-        'model.backbone.fused': True, 'model.backbone.channels_last': True,
-        'model.decode_head.type': 'FastFPNHead'})
+        'model.impl': 'fast', 'model.decode_head.type': 'FastFPNHead'})
     assert model.backbone.stages[0].blocks[0].fused
     path = str(tmp_path / 'fast.onnx')
     export_onnx(model, path, example_shape=(96, 128))
     assert model.backbone.stages[0].blocks[0].fused  # the original is kept
+    assert type(model.neck).__name__ == 'FastFPN'
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     images = [smooth_image(96, 128, seed=i) for i in range(2)]
     reference = reference_logits(model, images).numpy()

@@ -27,8 +27,13 @@ data_preprocessor = dict(
 # memory grows with the photo, not with 150 x the photo, and data samples
 # carry no full-size seg_logits unless keep_seg_logits=True
 # (docs/inference.md).
+# impl='fast': the fast path (fused PoolFormer blocks in channels_last,
+# FastFPN, FastFPNHead). impl='plain' (--cfg-options model.impl=plain)
+# computes the same function with the same weights as upstream mmseg does:
+# plain NCHW blocks, mmseg's FPN and FPNHead, full-size seg_logits.
 model = dict(
     type='RowwiseEncoderDecoder',
+    impl='fast',
     data_preprocessor=data_preprocessor,
     backbone=dict(
         type='PoolFormer',
@@ -44,12 +49,12 @@ model = dict(
         drop_path_rate=0.,
         init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
     neck=dict(
-        type='FPN',
+        type='FastFPN',
         in_channels=[64, 128, 320, 512],
         out_channels=256,
         num_outs=4),
     decode_head=dict(
-        type='FPNHead',
+        type='FastFPNHead',
         in_channels=[256, 256, 256, 256],
         in_index=[0, 1, 2, 3],
         feature_strides=[4, 8, 16, 32],

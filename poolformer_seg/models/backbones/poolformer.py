@@ -24,8 +24,7 @@ see :mod:`poolformer_seg.utils.layouts` for the key mapping.
 """
 import copy
 import difflib
-import functools
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -63,6 +62,16 @@ ARCH_DEFAULTS = dict(
     stem_patch_size=7, stem_stride=4, stem_padding=2,
     down_patch_size=3, down_stride=2, down_padding=1)
 ARCH_REQUIRED = ('layers', 'embed_dims')
+
+
+IMPLS = ('fast', 'plain')
+
+
+def check_impl(impl) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f'impl={impl!r} is not an implementation of '
+                         f'PoolFormer; choose one of {list(IMPLS)}')
+    return impl
 
 
 def resolve_arch(arch: Union[str, dict]) -> dict:
@@ -149,8 +158,9 @@ class Mlp(nn.Module):
 class PoolFormerBlock(nn.Module):
     """One MetaFormer block with pooling as token mixer; shape-preserving.
 
-    With ``fused=True`` (GroupNorm(1) norms only) the same function is
-    computed by :func:`.fast_ops.fused_block`: the token-mixer half as one
+    With ``fused=True`` (GroupNorm(1) norms only; set by the backbone's
+    ``impl='fast'``) the same function is computed by
+    :func:`.fast_ops.fused_block`: the token-mixer half as one
     pooling and one ``lerp``, the norm affines and layer scales folded into
     the 1x1 convolutions, and a backward that keeps only the block input.
     """
@@ -247,20 +257,23 @@ class PoolFormer(StagedBackbone):
             the first block to this value at the last. Default 0.
         with_cp (bool): gradient checkpointing per block: saves activation
             memory at the cost of a second forward. Default False. (With
-            ``fused=True`` a block already keeps only its input.)
-        fused (bool): compute each block with the fused operations of
-            :mod:`.fast_ops` (same math, fewer passes over memory, and a
-            backward that keeps only the block input and recomputes the
-            rest, one extra 1x1 convolution). Needs GroupNorm(1) norms (the
-            default ``norm_cfg``). Default False.
-        channels_last (bool): run in the channels_last memory format: the
-            weights are converted and the input is converted on entry. The
-            outputs stay channels_last, so the neck and head convolutions
-            run in it too. Much faster on CPU. Default False.
-        compile (bool): run the forward through ``torch.compile`` (inductor;
-            compiled on the first call and again for new input shapes).
-            Cannot be combined with ``fused`` (inductor fuses the plain
-            block itself). Default False.
+            ``impl='fast'`` a block already keeps only its input.)
+        impl (str): how the same function is computed (the weights and
+            state-dict keys are the same):
+
+            - ``'fast'`` (default): each block through the fused operations
+              of :mod:`.fast_ops` (fewer passes over memory, and a backward
+              that keeps only the block input and recomputes the rest, one
+              extra 1x1 convolution), in the channels_last memory format
+              (weights converted, the input converted on entry; the outputs
+              stay channels_last, so the neck and head run in it too).
+              Needs GroupNorm(1) norms with affine parameters (the default
+              ``norm_cfg``).
+            - ``'plain'``: module by module, NCHW: the reference, and the
+              choice for any other ``norm_cfg``.
+
+            :meth:`set_impl` switches a built backbone (e.g. to ``'plain'``
+            for tracing).
         init_cfg (dict | list[dict], optional): ``dict(type='Pretrained',
             checkpoint=PATH_OR_URL)`` loads weights of any published layout
             (converted on the fly; missing and unexpected keys reported).
@@ -284,9 +297,7 @@ class PoolFormer(StagedBackbone):
                  norm_cfg: dict = dict(type='GN', num_groups=1),
                  drop_path_rate: float = 0.,
                  with_cp: bool = False,
-                 fused: bool = False,
-                 channels_last: bool = False,
-                 compile: bool = False,
+                 impl: str = 'fast',
                  init_cfg=None):
         if init_cfg is None:
             init_cfg = [
@@ -302,12 +313,8 @@ class PoolFormer(StagedBackbone):
         self.norm_eval = norm_eval
         self.with_cp = with_cp
         self.in_channels = in_channels
-        if fused and compile:
-            raise ValueError('fused=True and compile=True exclude each other: '
-                             'inductor fuses the plain block itself')
-        self.fused = fused
-        self.channels_last = channels_last
-        self.use_compile = compile  # ``compile`` is an nn.Module method
+        check_impl(impl)
+        self.norm_cfg = norm_cfg
 
         a = self.arch
         dims = a['embed_dims']
@@ -324,30 +331,40 @@ class PoolFormer(StagedBackbone):
             blocks = [
                 PoolFormerBlock(dims[i], a['mlp_ratios'][i], a['pool_size'],
                                 norm_cfg, a['layer_scale_init_value'],
-                                rates[first + j], fused)
+                                rates[first + j])
                 for j in range(depth)]
             self.stages.append(PoolFormerStage(downsample, blocks))
         for i in self.out_indices:
             self.add_module(f'norm{i}', build_norm_layer(norm_cfg, dims[i])[1])
         self.out_channels = [dims[i] for i in self.out_indices]
-        if fused:
-            self._check_fusable()
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
+        self.set_impl(impl)
         self._freeze_stages()
         # Whole-segmentor checkpoints of mmseg/mmpretrain and sail-sg name
         # our weights differently; convert them wherever load_state_dict runs
         # (tools/test.py, load_from, resume, inference API).
         register_load_state_dict_pre_hook(self, self._convert_on_load)
 
-    def _check_fusable(self):
+    def set_impl(self, impl: str) -> 'PoolFormer':
+        """Compute with ``impl`` (``'fast'`` or ``'plain'``, see the class
+        docstring) from now on: sets every block's ``fused`` and converts
+        the weights' memory format in place. Returns the backbone."""
+        check_impl(impl)
         norm = self.stages[0].blocks[0].norm1
-        if not (isinstance(norm, nn.GroupNorm) and norm.num_groups == 1
-                and norm.affine):
+        if impl == 'fast' and not (isinstance(norm, nn.GroupNorm)
+                                   and norm.num_groups == 1 and norm.affine):
             raise ValueError(
-                'fused=True needs GroupNorm(1) block norms with affine '
-                'parameters (norm_cfg=dict(type="GN", num_groups=1)), got '
-                f'{norm}')
+                f"impl='fast' needs GroupNorm(1) block norms with affine "
+                f"parameters (norm_cfg=dict(type='GN', num_groups=1)), but "
+                f"norm_cfg={self.norm_cfg!r} builds {norm}; set "
+                f"impl='plain' for other norms")
+        for stage in self.stages:
+            for block in stage.blocks:
+                block.fused = impl == 'fast'
+                block._weight_casts.clear()
+        self.impl = impl
+        self.to(memory_format=torch.channels_last if impl == 'fast'
+                else torch.contiguous_format)
+        return self
 
     @property
     def min_input_size(self) -> int:
@@ -358,7 +375,7 @@ class PoolFormer(StagedBackbone):
     def stage_features(self, x) -> List[torch.Tensor]:
         """Raw outputs (before ``norm{i}``) of the stages in out_indices."""
         self._check_input(x)
-        if self.channels_last:
+        if self.impl == 'fast':
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         features = []
@@ -367,11 +384,6 @@ class PoolFormer(StagedBackbone):
             if i in self.out_indices:
                 features.append(x)
         return features
-
-    def forward(self, x) -> Tuple[torch.Tensor, ...]:
-        if self.use_compile:
-            return _compiled_forward()(self, x)
-        return self._forward(x)
 
     @staticmethod
     def convert_checkpoint_keys(state_dict: dict, prefix: str = ''):
@@ -408,10 +420,3 @@ class PoolFormer(StagedBackbone):
             return
         super().init_weights()
 
-
-@functools.lru_cache(maxsize=None)
-def _compiled_forward():
-    # Compiled lazily and held here rather than on the module, so that
-    # copies of a model never call the original's compiled method. Dynamo
-    # guards on the module it is given, so each instance gets its graph.
-    return torch.compile(PoolFormer._forward)

@@ -7,7 +7,13 @@ next to the labels: ``4 * num_classes`` bytes per pixel, 14.4 GB for a
 6000x4000 photo and 150 classes, although only their arg-max is used.
 :func:`resized_argmax` computes the same bilinear resize and arg-max one
 output row at a time, so that only a few rows of full-width scores exist.
+
+``impl`` is the model's one switch between our fast path (the default) and
+upstream mmseg's computation of the same function (``impl='plain'``, e.g.
+``--cfg-options model.impl=plain``).
 """
+import copy
+import inspect
 from typing import Optional
 
 import torch
@@ -16,7 +22,42 @@ from mmseg.models.segmentors import EncoderDecoder, SegTTAModel
 from mmseg.registry import MODELS
 
 __all__ = ['RowwiseEncoderDecoder', 'FullLogitsSegTTAModel', 'resized_argmax',
-           'source_positions']
+           'source_positions', 'IMPLS', 'PLAIN_TYPES']
+
+IMPLS = ('fast', 'plain')
+# What ``impl='plain'`` builds in place of our fast modules: mmseg's own
+# classes, which take the same arguments and hold the same weights.
+PLAIN_TYPES = {'FastFPN': 'FPN', 'FastFPNHead': 'FPNHead'}
+
+
+def _plain_part(cfg):
+    """``cfg`` with a fast neck/head type replaced by mmseg's own."""
+    if not isinstance(cfg, dict):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    kind = cfg.get('type')
+    name = kind.__name__ if isinstance(kind, type) else \
+        str(kind).rsplit('.', 1)[-1]  # 'mmseg.FastFPN' -> 'FastFPN'
+    if name in PLAIN_TYPES:
+        cfg['type'] = PLAIN_TYPES[name]
+    return cfg
+
+
+def _plain_backbone(cfg):
+    """``cfg`` with ``impl='plain'`` where the backbone type takes an
+    ``impl`` (ours: PoolFormer); other backbones get nothing."""
+    cfg = copy.deepcopy(cfg)
+    if cfg.get('impl', 'plain') != 'plain':
+        raise ValueError(
+            f"model.impl='plain' contradicts model.backbone.impl="
+            f"{cfg['impl']!r}: remove model.backbone.impl (model.impl "
+            f"sets it) or set both to the same value")
+    kind = cfg.get('type')
+    backbone_cls = MODELS.get(kind) if isinstance(kind, str) else kind
+    if isinstance(backbone_cls, type) and \
+            'impl' in inspect.signature(backbone_cls).parameters:
+        cfg['impl'] = 'plain'
+    return cfg
 
 def source_positions(in_size: int, out_size: int, align_corners: bool,
                      device=None):
@@ -114,6 +155,16 @@ class RowwiseEncoderDecoder(EncoderDecoder):
     ``EncoderDecoder``, plus:
 
     Args:
+        impl (str): ``'fast'`` (default): the modules as configured (the
+            configs use our fast ones: PoolFormer's default ``impl='fast'``,
+            ``FastFPN``, ``FastFPNHead``) and the row-wise label map.
+            ``'plain'``: the same function computed as upstream mmseg does:
+            the neck ``FastFPN`` is built as mmseg's ``FPN`` and the head
+            ``FastFPNHead`` as ``FPNHead`` (same arguments), a backbone that
+            takes ``impl`` gets ``impl='plain'`` (a backbone config that
+            says ``impl='fast'`` is refused as a contradiction), and the
+            predictions go through ``EncoderDecoder.postprocess_result``
+            (full-size ``seg_logits``). Checkpoints load into either.
         keep_seg_logits (bool): also return ``seg_logits``, the
             ``C x H x W`` fp32 scores at the original size, computed as
             mmseg does (and costing what it costs: 4 * C bytes per pixel).
@@ -123,12 +174,22 @@ class RowwiseEncoderDecoder(EncoderDecoder):
             ``pred_sem_seg`` only.
     """
 
-    def __init__(self, *args, keep_seg_logits: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, backbone, decode_head, neck=None, *args,
+                 impl: str = 'fast', keep_seg_logits: bool = False,
+                 **kwargs):
+        if impl not in IMPLS:
+            raise ValueError(f'model.impl={impl!r} is not known; choose one '
+                             f'of {list(IMPLS)}')
+        if impl == 'plain':
+            backbone = _plain_backbone(backbone)
+            neck, decode_head = _plain_part(neck), _plain_part(decode_head)
+        super().__init__(backbone, decode_head, neck, *args, **kwargs)
+        self.impl = impl
         self.keep_seg_logits = keep_seg_logits
 
     def postprocess_result(self, seg_logits, data_samples=None):
-        if self.keep_seg_logits or data_samples is None or \
+        if self.impl == 'plain' or self.keep_seg_logits or \
+                data_samples is None or \
                 seg_logits.shape[1] == 1:  # sigmoid head: mmseg's threshold
             return super().postprocess_result(seg_logits, data_samples)
         height, width = seg_logits.shape[2:]

@@ -1,7 +1,8 @@
-"""The optional fast paths of PoolFormer compute the plain path's function.
+"""PoolFormer's fast path (``impl='fast'``, the default) computes the plain
+path's function (``impl='plain'``).
 
-``fused`` (:mod:`poolformer_seg.models.backbones.fast_ops`, with a custom
-backward), ``channels_last`` and ``compile`` are each compared with the plain
+The fused block (:mod:`poolformer_seg.models.backbones.fast_ops`, with a
+custom backward) and the channels_last layout are compared with the plain
 NCHW eager backbone on the same weights: outputs and every gradient, in
 float64 where the comparison is about the math and in float32 at the
 1e-5 level otherwise; bf16 autocast against fp32.
@@ -26,8 +27,9 @@ def make_block(channels=6, drop_path=0., dtype=torch.float64, seed=0):
 
 
 def make_pair(seed=0, **kwargs):
-    """Plain backbone and one with ``kwargs``, same random weights."""
-    plain = randomize_(PoolFormer(TINY, init_cfg=None), seed)
+    """Plain backbone and one with ``kwargs`` (default: the fast one), same
+    random weights."""
+    plain = randomize_(PoolFormer(TINY, init_cfg=None, impl='plain'), seed)
     fast = PoolFormer(TINY, init_cfg=None, **kwargs)
     fast.load_state_dict(plain.state_dict())
     return plain, fast
@@ -158,14 +160,9 @@ def test_fused_norm1_bias_gets_an_explicit_zero_gradient():
 # Whole backbone, float32
 
 
-FAST_OPTIONS = [dict(fused=True), dict(channels_last=True),
-                dict(fused=True, channels_last=True)]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize('options', FAST_OPTIONS, ids=str)
-def test_fast_backbone_equals_plain_fp32(options):
-    plain, fast = make_pair(**options)
+def test_fast_backbone_equals_plain_fp32():
+    plain, fast = make_pair()
     x = image()
     plain.train(), fast.train()
     assert_same(outputs_and_grads(fast, x), outputs_and_grads(plain, x),
@@ -179,8 +176,9 @@ def test_fast_backbone_equals_plain_fp32(options):
 @pytest.mark.slow
 def test_fused_with_drop_path_and_frozen_stages_equals_plain():
     options = dict(drop_path_rate=.3, frozen_stages=2)
-    plain = randomize_(PoolFormer(TINY, init_cfg=None, **options), 0)
-    fast = PoolFormer(TINY, init_cfg=None, fused=True, **options)
+    plain = randomize_(PoolFormer(TINY, init_cfg=None, impl='plain',
+                                  **options), 0)
+    fast = PoolFormer(TINY, init_cfg=None, **options)
     fast.load_state_dict(plain.state_dict())
     x = image()
     results = []
@@ -200,7 +198,7 @@ def test_fused_with_drop_path_and_frozen_stages_equals_plain():
 
 def test_channels_last_layouts():
     """channels_last inside and out, in eval, training and autocast."""
-    _, fast = make_pair(channels_last=True)
+    _, fast = make_pair()
     assert fast.stem.proj.weight.is_contiguous(
         memory_format=torch.channels_last)
     seen = []
@@ -218,20 +216,61 @@ def test_channels_last_layouts():
     assert channels_last(seen)
 
 
-def test_fused_needs_groupnorm1_and_excludes_compile():
-    with pytest.raises(ValueError, match='GroupNorm'):
-        PoolFormer(TINY, fused=True, norm_cfg=dict(type='BN'))
-    with pytest.raises(ValueError, match='GroupNorm'):
-        PoolFormer(TINY, fused=True, norm_cfg=dict(type='GN', num_groups=2))
-    with pytest.raises(ValueError, match='exclude'):
-        PoolFormer(TINY, fused=True, compile=True)
+def test_fast_needs_groupnorm1_and_names_impl_and_norm_cfg():
+    for norm_cfg in (dict(type='BN'), dict(type='GN', num_groups=2),
+                     dict(type='GN', num_groups=1, affine=False)):
+        with pytest.raises(ValueError, match='GroupNorm') as err:
+            PoolFormer(TINY, impl='fast', norm_cfg=norm_cfg)
+        assert "impl='fast'" in str(err.value)
+        assert 'norm_cfg=' in str(err.value) and repr(norm_cfg) in \
+            str(err.value)
+        assert "set impl='plain'" in str(err.value)
+        # the plain implementation takes any norm
+        plain = PoolFormer(TINY, impl='plain', norm_cfg=norm_cfg)
+        assert not plain.stages[0].blocks[0].fused
+
+
+@pytest.mark.parametrize('impl', ['fused', 'Fast', None, True])
+def test_unknown_impl_is_refused_naming_impl_and_the_choices(impl):
+    with pytest.raises(ValueError, match=r"impl=.* choose one of "
+                                         r"\['fast', 'plain'\]"):
+        PoolFormer(TINY, impl=impl)
+
+
+def test_bare_backbone_is_fast_and_set_impl_switches_it():
+    """A backbone built as other MM configs build it (UPerNet, MMDet,
+    MMPretrain style: no extra keys) runs the fast path; set_impl('plain')
+    gives the plain one, the same function."""
+    from mmseg.registry import MODELS
+    bare = MODELS.build(dict(type='PoolFormer', arch='s12'))
+    assert bare.impl == 'fast'
+    blocks = [b for stage in bare.stages for b in stage.blocks]
+    assert len(blocks) == 12 and all(b.fused for b in blocks)
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in bare.parameters() if p.dim() == 4)
+    plain, fast = make_pair()
+    x = image(batch=1)
+    with torch.no_grad():
+        want = plain.eval()(x)
+        assert fast.set_impl('plain') is fast
+        assert not any(b.fused for stage in fast.stages
+                       for b in stage.blocks)
+        assert all(p.is_contiguous() for p in fast.parameters())
+        got = fast.eval()(x)
+        assert all(g.is_contiguous() for g in got)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+        fast.set_impl('fast')
+        assert fast.stages[0].blocks[0].fused
+        for g, w in zip(fast(x), want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
 def test_fused_inference_keeps_only_low_precision_weight_casts():
     """fp32 inference uses the parameters themselves (no weight-sized
     copy); bf16 keeps its casts, reused until a parameter changes."""
-    plain, fast = make_pair(fused=True, channels_last=True)
+    plain, fast = make_pair()
     plain.eval(), fast.eval()
     x = image()
     block = fast.stages[0].blocks[0]
@@ -350,7 +389,7 @@ def test_fast_segmentor_runs_on_the_meta_device():
 
     from tests.conftest import S12_CONFIG
     init_default_scope('mmseg')
-    cfg = Config.fromfile(S12_CONFIG.replace('.py', '_fast.py'))
+    cfg = Config.fromfile(S12_CONFIG)  # the fast path by default
     cfg.model.backbone.init_cfg = None
     cfg.model.decode_head.norm_cfg = dict(type='BN', requires_grad=True)
     with torch.device('meta'):
@@ -365,7 +404,7 @@ def test_fast_segmentor_runs_on_the_meta_device():
 def test_fused_backbone_with_small_blocks_equals_plain(monkeypatch):
     from poolformer_seg.models.backbones import fast_ops
     monkeypatch.setattr(fast_ops, 'BLOCK_BYTES', 4096)
-    plain, fast = make_pair(fused=True, channels_last=True)
+    plain, fast = make_pair()
     x = image()
     with torch.no_grad():
         for a, b in zip(fast.eval()(x), plain.eval()(x)):
@@ -376,7 +415,7 @@ def test_weight_casts_follow_an_ema_style_weight_swap():
     """mmengine's EMA hook swaps weights in through ``.data`` (no version
     bump), then switches mode: the next bf16 forward uses the new weights,
     exactly as a model that never saw the old ones."""
-    _, fast = make_pair(fused=True, channels_last=True)
+    _, fast = make_pair()
     x = image()
 
     def bf16_forward(model):
@@ -416,7 +455,7 @@ def test_bf16_linear_is_fused_and_accurate(gelu):
 
 
 def test_fused_bf16_autocast_keeps_fp32_residual_and_tracks_fp32():
-    plain, fast = make_pair(fused=True, channels_last=True)
+    plain, fast = make_pair()
     x = image(batch=1, size=(64, 64))
     with torch.no_grad():
         want = plain.eval()(x)
@@ -432,7 +471,7 @@ def test_fused_bf16_autocast_keeps_fp32_residual_and_tracks_fp32():
 
 
 def test_fused_bf16_training_step_gives_finite_close_gradients():
-    plain, fast = make_pair(fused=True, channels_last=True)
+    plain, fast = make_pair()
     x = image(batch=2, size=(48, 48))
     want = outputs_and_grads(plain.train(), x)[1]
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -442,26 +481,3 @@ def test_fused_bf16_training_step_gives_finite_close_gradients():
         err = (g - want[name]).norm() / (want[name].norm() + 1e-12)
         if 'norm1.bias' not in name:  # exactly 0 vs rounding noise
             assert err < 5e-2, f'{name}: relative error {err:.3g}'
-
-
-# ----------------------------------------------------------------------------
-# torch.compile (inductor has had GroupNorm correctness bugs:
-# pytorch/pytorch#181696, #183120, #141541)
-
-
-@pytest.mark.slow
-def test_compiled_backbone_equals_eager():
-    # the stem, one block and its output norm keep the compile time low
-    arch = dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32])
-    eager = randomize_(PoolFormer(arch, out_indices=(0, ), init_cfg=None), 0)
-    compiled = PoolFormer(arch, out_indices=(0, ), init_cfg=None,
-                          compile=True, channels_last=True)
-    compiled.load_state_dict(eager.state_dict())
-    x = image(batch=2, size=(64, 64))
-    eager.eval(), compiled.eval()
-    with torch.no_grad():
-        for a, b in zip(compiled(x), eager(x)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    eager.train(), compiled.train()
-    assert_same(outputs_and_grads(compiled, x), outputs_and_grads(eager, x),
-                atol=1e-5, grad_rtol=1e-5)

@@ -296,7 +296,7 @@ def test_frozen_stages_give_no_gradient():
 
 
 def test_norm_eval_keeps_norms_in_eval_mode():
-    model = PoolFormer(arch=TINY, norm_eval=True,
+    model = PoolFormer(arch=TINY, norm_eval=True, impl='plain',
                        norm_cfg=dict(type='BN')).train()
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and not any(m.training for m in norms)
@@ -305,7 +305,8 @@ def test_norm_eval_keeps_norms_in_eval_mode():
     assert torch.equal(norms[0].running_mean, before)
     assert model.stem.training  # the rest trains
     # without norm_eval, BN statistics move
-    model = PoolFormer(arch=TINY, norm_cfg=dict(type='BN')).train()
+    model = PoolFormer(arch=TINY, impl='plain',
+                       norm_cfg=dict(type='BN')).train()
     assert all(m.training for m in model.modules()
                if isinstance(m, nn.BatchNorm2d))
 

@@ -155,3 +155,86 @@ def test_tta_model_of_the_configs_keeps_the_logits_it_averages(segmentor):
                  for flip in (None, 'horizontal')]
     merged, = tta.merge_preds([[view[0] for view in views]])
     assert merged.pred_sem_seg.data.shape == (1, 75, 121)
+
+
+# ----------------------------------------------------------------------------
+# impl: the fast path (default) or upstream mmseg's computation
+
+
+def s12_segmentor(model_impl=None, **backbone):
+    """The S12 config's segmentor, no download; ``model_impl`` is
+    ``model.impl``, ``backbone`` updates ``model.backbone``."""
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+
+    from tests.conftest import S12_CONFIG
+    init_default_scope('mmseg')
+    cfg = Config.fromfile(S12_CONFIG)
+    cfg.model.backbone.init_cfg = None
+    cfg.model.backbone.update(backbone)
+    if model_impl is not None:
+        cfg.model.impl = model_impl
+    return revert_sync_batchnorm(MODELS.build(cfg.model))
+
+
+def test_fast_and_plain_checkpoints_are_interchangeable():
+    """A state dict of either loads strictly into the other, and both give
+    the same logits (fp32, eval, a size that is no multiple of 32, random
+    non-trivial weights: layer scales 0.2..1, varied norms and BN)."""
+    from tests.helpers.upstream import randomize_
+    fast, plain = s12_segmentor(), s12_segmentor('plain')
+    assert fast.backbone.stages[0].blocks[0].fused
+    assert not plain.backbone.stages[0].blocks[0].fused
+    images = torch.randn(1, 3, 100, 132,
+                         generator=torch.Generator().manual_seed(0))
+    metas = [dict(img_shape=(100, 132), pad_shape=(100, 132))]
+    for source, target, seed in ((fast, plain, 1), (plain, fast, 2)):
+        with torch.no_grad():
+            randomize_(source, seed)
+        target.load_state_dict(source.state_dict(), strict=True)
+        with torch.no_grad():
+            want = source.eval().encode_decode(images, metas)
+            got = target.eval().encode_decode(images, metas)
+        assert want.shape == (1, 150, 100, 132)
+        assert want.abs().max() > 1  # not a vacuous comparison
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_bad_impl_values_are_refused_naming_the_keys():
+    with pytest.raises(ValueError, match=r"model\.impl='fused' is not "
+                       r"known; choose one of \['fast', 'plain'\]"):
+        s12_segmentor('fused')
+    # the model says plain, the backbone says fast: a contradiction
+    with pytest.raises(ValueError, match=r"model\.impl='plain' contradicts "
+                       r"model\.backbone\.impl='fast'"):
+        s12_segmentor('plain', impl='fast')
+    with pytest.raises(ValueError, match=r"impl='quick' is not an "
+                       r"implementation of PoolFormer; choose one of "
+                       r"\['fast', 'plain'\]"):
+        s12_segmentor(impl='quick')
+    # BN in the blocks: only the plain implementation computes it
+    with pytest.raises(ValueError, match=r"impl='fast' needs GroupNorm\(1\)"
+                       r".*norm_cfg=\{'type': 'BN'\}.*set impl='plain'"):
+        s12_segmentor(norm_cfg=dict(type='BN'))
+    plain = s12_segmentor('plain', norm_cfg=dict(type='BN'))
+    assert type(plain.backbone.stages[0].blocks[0].norm1).__name__ == \
+        'BatchNorm2d'
+
+
+def test_plain_leaves_backbones_without_impl_alone():
+    """MetaFormer has no fast path: model.impl='plain' passes it nothing
+    and still swaps the neck and head for mmseg's."""
+    from mmseg.models.decode_heads import FPNHead
+    from mmseg.models.necks import FPN
+
+    from poolformer_seg.models.backbones.metaformer import MetaFormer
+    tiny = dict(type='MetaFormer', arch='poolformerv2_s12', init_cfg=None)
+    model = RowwiseEncoderDecoder(
+        backbone=tiny, impl='plain',
+        neck=dict(type='FastFPN', in_channels=[64, 128, 320, 512],
+                  out_channels=8, num_outs=4),
+        decode_head=dict(type='FastFPNHead', in_channels=[8] * 4,
+                         in_index=[0, 1, 2, 3], feature_strides=[4, 8, 16, 32],
+                         channels=8, num_classes=3))
+    assert isinstance(model.backbone, MetaFormer)
+    assert type(model.neck) is FPN and type(model.decode_head) is FPNHead
