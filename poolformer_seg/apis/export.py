@@ -67,11 +67,9 @@ def _plain_modules(module: nn.Module) -> None:
     ``FastFPNHead`` hold exactly the modules and settings of mmseg's ``FPN``
     and ``FPNHead`` and override only how they compute (storage checks that
     fake tensors cannot answer, resizes skipped when the traced example's
-    sizes happen to match), so they become those classes; the head's one
-    construction-time change, BN folded into its convolutions in eval, is
-    turned off again.
+    sizes happen to match, Winograd convolutions), so they become those
+    classes.
     """
-    from mmcv.cnn import ConvModule
     from mmseg.models.decode_heads import FPNHead
     from mmseg.models.necks import FPN
 
@@ -82,9 +80,6 @@ def _plain_modules(module: nn.Module) -> None:
             child.set_impl('plain')
         elif type(child) in plain_classes:
             child.__class__ = plain_classes[type(child)]
-            for conv in child.modules():
-                if isinstance(conv, ConvModule):
-                    conv.turn_on_efficient_conv_bn_eval(False)
 
 
 def _replace_upsamples(module: nn.Module) -> None:

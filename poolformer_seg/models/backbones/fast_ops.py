@@ -26,21 +26,11 @@ recomputed (one extra matrix product, ``fc1``). Autograd on the plain block
 keeps 14 activation-sized tensors (counting the 4x wide MLP ones four
 times), the fused block 1.
 
-Inference (no gradient needed): :func:`fused_block` skips the autograd
-function. On channels_last input (:func:`_forward_rows`) nothing is folded:
-the GroupNorm affine is applied to each block of rows, where it costs no
-more than the affine-free normalisation, the layer scale as the MLP's
-output is added, and the matrix products take the parameters themselves,
-so no weight-sized copy exists in fp32; in a lower compute dtype the cast
-weights are kept in a cache the caller owns while the parameters are
-unchanged (casting them costs about 5 ms per S12 forward). The MLP runs
-over blocks of rows and the statistics are taken blockwise
-(:func:`_stats_blockwise`): every temporary then stays a few MB, which the
-C allocator recycles and the CPU cache holds. Whole tensors would be 4x
-activation-sized and, at large inputs, over glibc's 32 MB mmap threshold:
-fresh pages on every call, whose page faults made the cost grow faster
-than the pixel count (2 GB of faults per 1024x2048 forward of S12, 40% of
-them here). Other inference (NCHW, or a drop path) folds per call.
+Inference (no gradient needed): :func:`fused_block` runs the same forward
+without the autograd function, so nothing is saved. The folded weights are
+recomputed on every call: about 2 ms for S12, where keeping them would
+cost a weight-sized copy per block and a cache to keep in step with the
+parameters.
 
 GroupNorm(1) statistics do not depend on the order of the elements, so they
 are taken over the ``B x (C*H*W)`` storage of either layout with the native
@@ -73,45 +63,6 @@ def _stats(x, eps):
     return mean.view(-1), rstd.view(-1)
 
 
-BLOCK_BYTES = 4 * 2**20
-"""Size of one block of temporaries at inference (the 4x wide MLP rows,
-or a statistics slice): measured fastest at 2-8 MB on a 2 MB L2."""
-
-
-def _block_length(count, item_bytes):
-    """Items per block: as few blocks as :data:`BLOCK_BYTES` allows, of
-    equal length (a short last block would be a slow matrix product)."""
-    blocks = max(1, -(-count * item_bytes // BLOCK_BYTES))
-    return -(-count // blocks)
-
-
-def _stats_blockwise(x, eps):
-    """:func:`_stats` of a channels_last ``x`` from slices of at most
-    :data:`BLOCK_BYTES`, combined exactly (the variance of the whole is
-    the mean of the slices' variances plus the variance of their means),
-    so that no full-size normalised copy is allocated."""
-    flat = x.permute(0, 2, 3, 1).view(x.shape[0], -1)
-    if flat.dtype not in (torch.float32, torch.float64):
-        return _stats(x, eps)  # the cast would copy everything anyway
-    step = _block_length(flat.shape[1], flat.element_size())
-    if flat.shape[1] <= step:
-        return _stats(x, eps)
-    means, variances, counts = [], [], []
-    for part in flat.split(step, 1):
-        _, mean, rstd = torch.native_layer_norm(part, part.shape[1:], None,
-                                                None, eps)
-        means.append(mean.view(-1))
-        variances.append(rstd.view(-1).double().pow(-2) - eps)
-        counts.append(part.shape[1])
-    weights = torch.tensor(counts, dtype=torch.float64,
-                           device=flat.device) / flat.shape[1]
-    means = torch.stack(means, 1).double()
-    mean = means @ weights
-    var = (torch.stack(variances, 1) + (means - mean.unsqueeze(1)).pow(2)) @ (
-        weights)
-    return mean.to(flat.dtype), (var + eps).rsqrt().to(flat.dtype)
-
-
 def _pool(x, pool_size):
     return F.avg_pool2d(x, pool_size, 1, pool_size // 2,
                         count_include_pad=False)
@@ -123,7 +74,7 @@ def _per_sample(v, x):
 
 def _mixer_coef(x, coef, rstd1):
     """``c = coef * r``: per sample and channel, broadcastable to ``x``."""
-    return _per_sample(rstd1, x) * coef[..., None, None].to(x.dtype)
+    return _per_sample(rstd1, x) * coef.unsqueeze(-1).unsqueeze(-1).to(x.dtype)
 
 
 def _mix(x, c, pool_size):
@@ -170,7 +121,7 @@ def _fold(p, dtype):
     """Folded MLP weights ``W1 = w1 g2``, ``B1 = b1 + w1 beta2``, ``W2 =
     ls2 w2``, ``B2 = ls2 b2``, cast to the compute dtype."""
     folded = (p['w1'] * p['g2'], torch.addmv(p['b1'], p['w1'], p['beta2']),
-              p['w2'] * p['ls2'][:, None], p['b2'] * p['ls2'])
+              p['w2'] * p['ls2'].unsqueeze(1), p['b2'] * p['ls2'])
     return [t.to(dtype) for t in folded]
 
 
@@ -192,53 +143,6 @@ def _forward(x, coef, folded, keep, pool_size, eps1, eps2):
     if keep is not None:
         y = y * _per_sample(keep, y)
     return x1.add_(y), (mean1, rstd1, mean2, rstd2)
-
-
-def _forward_rows(x, coef, params, weights, pool_size, eps1, eps2):
-    """:func:`_forward`'s output for a channels_last ``x`` and no drop
-    path, with nothing folded and the MLP run over blocks of rows (see the
-    module docstring); ``weights`` as :func:`_mlp_weights` returns them.
-    Autocast must be off."""
-    w1, b1, w2, b2 = weights
-    mean1, rstd1 = _stats_blockwise(x, eps1)
-    x1 = _mix(x, _mixer_coef(x, coef, rstd1), pool_size)
-    mean2, rstd2 = _stats_blockwise(x1, eps2)
-    # norm2 as one multiply-add per sample: n = x1 * scale + shift
-    scale = rstd2.to(x.dtype)[:, None] * params['g2']
-    shift = torch.addcmul(params['beta2'], mean2.to(x.dtype)[:, None],
-                          scale, value=-1)
-    # a view: the MLP's updates below land in x1
-    rows = x1.permute(0, 2, 3, 1).view(x.shape[0], -1, x.shape[1])
-    step = _block_length(rows.shape[1], w1.shape[0] * w1.element_size())
-    for sample, a, b in zip(rows, scale, shift):
-        for start in range(0, sample.shape[0], step):
-            part = sample[start:start + step]
-            n = torch.addcmul(b, part, a).to(w1.dtype)
-            out = _linear(_linear(n, w1, b1, gelu=True), w2, b2)
-            part.addcmul_(out, params['ls2'])
-    return x1
-
-
-def _mlp_weights(cache, params, dtype):
-    """``(w1, b1, w2, b2)`` for :func:`_forward_rows`: the parameters
-    themselves in their own dtype. In another dtype the matrices are cast
-    (the biases too, except where :func:`_linear` adds them in fp32), and
-    the casts are kept in ``cache`` while the parameters are unchanged: the
-    same tensors with the same version counters, which every in-place
-    update (optimizer step, ``load_state_dict``) advances. Writes through
-    ``param.data`` bypass the counter; the owner clears the cache on every
-    ``train()``/``eval()``, which is how mmengine's EMA hook swaps weights
-    (``.data`` copies, then a mode switch)."""
-    weights = tuple(params[k] for k in ('w1', 'b1', 'w2', 'b2'))
-    if params['w1'].dtype == dtype:
-        return weights
-    key = tuple((t.data_ptr(), t._version) for t in weights)
-    if dtype not in cache or cache[dtype][0] != key:
-        keep_bias = _onednn_bf16(params['w1'].device, dtype)
-        cache[dtype] = (key, tuple(
-            t if keep_bias and t.dim() == 1 else t.to(dtype)
-            for t in weights))
-    return cache[dtype][1]
 
 
 class _Block(torch.autograd.Function):
@@ -315,15 +219,14 @@ class _Block(torch.autograd.Function):
             beta1=torch.zeros_like(p['beta1']),
             g2=(gw1 * p['w1']).sum(0), beta2=p['w1'].t().mv(gb1),
             w1=torch.addr(gw1 * p['g2'], gb1, p['beta2']), b1=gb1,
-            w2=gw2 * p['ls2'][:, None], b2=gb2 * p['ls2'],
+            w2=gw2 * p['ls2'].unsqueeze(1), b2=gb2 * p['ls2'],
             ls2=(gw2 * p['w2']).sum(1) + gb2 * p['b2'])
-        return (grad_x, s * rstd1[:, None],
+        return (grad_x, s * rstd1.unsqueeze(1),
                 *(grads[n].to(p[n].dtype) for n in _PARAMS),
                 None, None, None, None)
 
 
-def fused_block(x, norm1, norm2, fc1, fc2, ls1, ls2, pool_size, drop=None,
-                cache=None):
+def fused_block(x, norm1, norm2, fc1, fc2, ls1, ls2, pool_size, drop=None):
     """``x + ls1 * (P(n1(x)) - n1(x))``, then ``+ ls2 * mlp(n2(.))``.
 
     Args:
@@ -332,30 +235,19 @@ def fused_block(x, norm1, norm2, fc1, fc2, ls1, ls2, pool_size, drop=None,
         ls1, ls2: layer scales ``C``; pool_size: odd pooling window.
         drop: ``(mixer, mlp)`` drop-path factors ``B`` (0 or 1/keep), or
             None.
-        cache: a dict owned by the caller, or None (always folding, as
-            in training). When no gradient is needed, the MLP weights cast
-            to a compute dtype other than the parameters' are kept there
-            and reused while the parameters are unchanged
-            (:func:`_mlp_weights`).
     """
     coef = (ls1 * norm1.weight).expand(x.shape[0], -1)
     keep = None
     if drop is not None:
-        coef, keep = coef * drop[0][:, None], drop[1]
+        coef, keep = coef * drop[0].unsqueeze(1), drop[1]
     params = (norm1.bias, norm2.weight, norm2.bias, fc1.weight.flatten(1),
               fc1.bias, fc2.weight.flatten(1), fc2.bias, ls2)
     x = x.to(coef.dtype)
-    if cache is not None and not (torch.is_grad_enabled() and any(
+    if not (torch.is_grad_enabled() and any(
             t.requires_grad for t in (x, coef, *params))):
-        dtype = _compute_dtype(x)
         named = dict(zip(_PARAMS, params))
         with autocast_off(x.device):
-            if keep is None and x.is_contiguous(
-                    memory_format=torch.channels_last):
-                return _forward_rows(x, coef, named,
-                                     _mlp_weights(cache, named, dtype),
-                                     pool_size, norm1.eps, norm2.eps)
-            return _forward(x, coef, _fold(named, dtype), keep, pool_size,
-                            norm1.eps, norm2.eps)[0]
+            return _forward(x, coef, _fold(named, _compute_dtype(x)), keep,
+                            pool_size, norm1.eps, norm2.eps)[0]
     return _Block.apply(x, coef, *params, keep, pool_size, norm1.eps,
                         norm2.eps)

@@ -179,11 +179,6 @@ class PoolFormerBlock(nn.Module):
             torch.full((channels, ), float(layer_scale_init_value)))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else \
             nn.Identity()
-        self._weight_casts = {}  # fused inference, see fused_block
-
-    def train(self, mode: bool = True):
-        self._weight_casts.clear()  # only inference reuses them
-        return super().train(mode)
 
     def forward(self, x):
         if self.fused:
@@ -204,8 +199,7 @@ class PoolFormerBlock(nn.Module):
                      ).floor_() / keep for _ in range(2)]
         return fused_block(x, self.norm1, self.norm2, self.mlp.fc1,
                            self.mlp.fc2, self.layer_scale1, self.layer_scale2,
-                           self.token_mixer.pool_size, drop,
-                           cache=None if self.training else self._weight_casts)
+                           self.token_mixer.pool_size, drop)
 
 
 class PoolFormerStage(nn.Module):
@@ -360,7 +354,6 @@ class PoolFormer(StagedBackbone):
         for stage in self.stages:
             for block in stage.blocks:
                 block.fused = impl == 'fast'
-                block._weight_casts.clear()
         self.impl = impl
         self.to(memory_format=torch.channels_last if impl == 'fast'
                 else torch.contiguous_format)

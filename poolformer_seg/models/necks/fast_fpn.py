@@ -21,7 +21,7 @@ def add_nearest_2x_(fine: torch.Tensor, coarse: torch.Tensor):
     """
     b, c, h, w = coarse.shape
     blocks = fine.unflatten(2, (h, 2)).unflatten(4, (w, 2))  # B C h 2 w 2
-    blocks.add_(coarse[:, :, :, None, :, None])
+    blocks.add_(coarse.unsqueeze(3).unsqueeze(5))
     return fine
 
 
