@@ -19,10 +19,11 @@ two direct algorithms differ from each other (tests: within 1e-4 of
 float64, and equal to 1e-10 when run in float64).
 
 It is used where it is faster than PyTorch's own CPU kernel (oneDNN's
-direct convolution on CPUs without Winograd support): inference (no
-gradient), on CPU, in fp32/fp64 without autocast, channels_last inputs of
-at least :data:`MIN_PIXELS` pixels (below that the transforms cost more
-than the products they save). ``tools/benchmark.py`` has rows with it off.
+direct convolution on CPUs without Winograd support): on CPU, in
+fp32/fp64 without autocast, channels_last inputs of at least
+:data:`MIN_PIXELS` pixels (below that the transforms cost more than the
+products they save), at inference and in training (:class:`_Conv3x3`'s
+backward is Winograd too). ``tools/benchmark.py`` has rows with it off.
 GPU libraries choose Winograd themselves where it pays, so CUDA tensors go
 to ``F.conv2d``.
 """
@@ -36,8 +37,7 @@ from ..compat import autocast_dtype
 __all__ = ['winograd_conv3x3', 'winograd_applies', 'conv_module_forward']
 
 # The transform matrices for the interpolation points 0, 1, -1, 2, -2 and
-# infinity (the standard choice; its fp32 error is the smallest of the
-# small-integer sets).
+# infinity (the standard choice).
 _BT = ((4, 0, -5, 0, 1, 0),
        (0, -4, -4, 1, 1, 0),
        (0, 4, -4, -1, 1, 0),
@@ -73,35 +73,108 @@ def _transform_weight(weight):
     return u.reshape(36, weight.shape[1], weight.shape[0])
 
 
+def _tile_counts(x):
+    return -(-x.shape[2] // TILE), -(-x.shape[3] // TILE)
+
+
+def _transform_input(x):
+    """``B x C x H x W`` -> ``36 x (B th tw) x C``: ``B^T d B`` of every
+    6x6 input tile (stride 4, zero padding 1 plus whatever completes the
+    last tile; those outputs are cropped)."""
+    batch, channels, height, width = x.shape
+    tiles_h, tiles_w = _tile_counts(x)
+    rows = x.permute(0, 2, 3, 1)  # B x H x W x C (a view if channels_last)
+    padded = F.pad(rows, (0, 0, 1, TILE * tiles_w + 1 - width,
+                          1, TILE * tiles_h + 1 - height))
+    tiles = padded.unfold(1, 6, TILE).unfold(2, 6, TILE)  # B th tw C 6 6
+    d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(6, 6, -1)
+    bt = _matrix(_BT, x)
+    v = torch.matmul(bt, (bt @ d.view(6, -1)).view(6, 6, -1))
+    return v.view(36, -1, channels)
+
+
+def _transform_output(m, like):
+    """``36 x (B th tw) x K`` -> ``B x K x H x W`` (channels_last) for an
+    input ``like``: ``A^T M A`` of every tile, the tiles put side by
+    side."""
+    batch, _, height, width = like.shape
+    tiles_h, tiles_w = _tile_counts(like)
+    at = _matrix(_AT, m)
+    y = torch.matmul(at, (at @ m.view(6, -1)).view(TILE, 6, -1))
+    y = y.view(TILE, TILE, batch, tiles_h, tiles_w, -1)
+    y = y.permute(2, 3, 0, 4, 1, 5).reshape(batch, TILE * tiles_h,
+                                            TILE * tiles_w, -1)
+    return y[:, :height, :width].permute(0, 3, 1, 2)
+
+
+def _transform_output_grad(grad, like):
+    """The adjoint of :func:`_transform_output`: ``B x K x H x W`` ->
+    ``36 x (B th tw) x K``, ``A g A^T`` of every (zero-completed) 4x4
+    tile of ``grad``."""
+    batch, _, height, width = like.shape
+    tiles_h, tiles_w = _tile_counts(like)
+    rows = F.pad(grad.permute(0, 2, 3, 1),
+                 (0, 0, 0, TILE * tiles_w - width, 0, TILE * tiles_h - height))
+    g = rows.reshape(batch, tiles_h, TILE, tiles_w, TILE, -1)
+    g = g.permute(2, 4, 0, 1, 3, 5).reshape(TILE, TILE, -1)
+    a = _matrix(_AT, grad).t()
+    m = torch.matmul(a, (a @ g.view(TILE, -1)).view(6, TILE, -1))
+    return m.view(36, -1, grad.shape[1])
+
+
+def _forward(x, weight, bias):
+    m = torch.bmm(_transform_input(x), _transform_weight(weight))
+    y = _transform_output(m, x)  # a B x K x H x W view of B x H x W x K
+    if bias is None:
+        return y.contiguous(memory_format=torch.channels_last)
+    return y + bias.view(-1, 1, 1)
+
+
+class _Conv3x3(torch.autograd.Function):
+    """Winograd convolution with a backward that keeps only ``x`` and the
+    weight, as PyTorch's convolution does: the input transform is redone
+    (it costs a fraction of the products). The weight gradient is taken in
+    the transform domain (``dU = V^T dM``, 36 products 4x smaller than the
+    direct ones), the input gradient is the convolution of the output
+    gradient with the flipped, transposed kernel, by Winograd again."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _forward(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _forward(grad, weight.flip(2, 3).transpose(0, 1), None)
+        if ctx.needs_input_grad[1]:
+            grad_u = torch.bmm(_transform_input(x).transpose(1, 2),
+                               _transform_output_grad(grad, x))
+            g = _matrix(_G, weight)
+            grad_w = torch.einsum('pa,pqck,qb->kcab', g,
+                                  grad_u.view(6, 6, *grad_u.shape[1:]), g)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b
+
+
 def winograd_conv3x3(x, weight, bias=None):
     """``F.conv2d(x, weight, bias, padding=1)`` for a ``B x C x H x W``
-    ``x`` and a ``K x C x 3 x 3`` ``weight``; any ``H``, ``W`` >= 1.
+    ``x`` and a ``K x C x 3 x 3`` ``weight``; any ``H``, ``W`` >= 1;
+    differentiable.
 
     Returns a ``B x K x H x W`` tensor in channels_last memory format, in
     ``x``'s dtype and on its device.
     """
-    batch, channels, height, width = x.shape
-    tiles_h, tiles_w = -(-height // TILE), -(-width // TILE)
-    rows = x.permute(0, 2, 3, 1)  # B x H x W x C (a view if channels_last)
-    # zero padding: 1 as the convolution's, plus whatever completes the
-    # last tile (those outputs are cropped below)
-    padded = F.pad(rows, (0, 0, 1, TILE * tiles_w + 1 - width,
-                          1, TILE * tiles_h + 1 - height))
-    # 6 x 6 tiles with stride 4: B x th x tw x C x 6 x 6, gathered as
-    # 6 x 6 x (B th tw C) so that the transforms are matrix products
-    tiles = padded.unfold(1, 6, TILE).unfold(2, 6, TILE)
-    d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(6, 6, -1)
-    bt = _matrix(_BT, x)
-    v = torch.matmul(bt, (bt @ d.view(6, -1)).view(6, 6, -1))
-    m = torch.bmm(v.view(36, -1, channels), _transform_weight(weight))
-    at = _matrix(_AT, x)
-    y = torch.matmul(at, (at @ m.view(6, -1)).view(4, 6, -1))
-    y = y.view(TILE, TILE, batch, tiles_h, tiles_w, -1)
-    y = y.permute(2, 3, 0, 4, 1, 5).reshape(batch, TILE * tiles_h,
-                                            TILE * tiles_w, -1)
-    y = y[:, :height, :width]
-    y = y + bias if bias is not None else y.contiguous()
-    return y.permute(0, 3, 1, 2)
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _Conv3x3.apply(x, weight, bias)
+    return _forward(x, weight, bias)
 
 
 def winograd_applies(conv: nn.Module, x: torch.Tensor) -> bool:
@@ -115,29 +188,19 @@ def winograd_applies(conv: nn.Module, x: torch.Tensor) -> bool:
             and x.dtype in (torch.float32, torch.float64)
             and conv.weight.dtype == x.dtype
             and autocast_dtype('cpu') is None
-            and not (torch.is_grad_enabled() and (
-                x.requires_grad or conv.weight.requires_grad))
             and x.dim() == 4 and x.shape[2] * x.shape[3] >= MIN_PIXELS
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
-def _eval_batch_norm(module: ConvModule):
-    """The ConvModule's norm if it is a BatchNorm in eval mode (foldable
-    into the convolution), None if it has no norm; False otherwise."""
-    if not module.with_norm:
-        return None
-    norm = module.norm
-    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and \
-            not norm.training and norm.track_running_stats:
-        return norm
-    return False
+def _foldable(norm) -> bool:
+    """A BatchNorm in eval mode: an affine map, foldable into the conv."""
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and \
+        not norm.training and norm.track_running_stats
 
 
 def _folded(conv: nn.Conv2d, norm):
     """Weight and bias of ``norm(conv(x))`` as one convolution."""
     weight, bias = conv.weight, conv.bias
-    if norm is None:
-        return weight, bias
     scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
     shift = norm.bias - norm.running_mean * scale
     if bias is not None:
@@ -145,30 +208,34 @@ def _folded(conv: nn.Conv2d, norm):
     return weight * scale.view(-1, 1, 1, 1), shift
 
 
+def _conv(conv: nn.Conv2d, x, weight, bias):
+    """``conv``'s convolution with the given weights, by Winograd where
+    :func:`winograd_applies`."""
+    if winograd_applies(conv, x):
+        return winograd_conv3x3(x, weight, bias)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding,
+                    conv.dilation, conv.groups)
+
+
 def conv_module_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` for a ConvModule (conv, norm, act) or a Conv2d.
 
     An eval-mode BatchNorm is folded into the convolution (one pass over
     the output instead of two), and the convolution runs by Winograd where
-    :func:`winograd_applies`. Anything else (a norm in training mode,
-    another order, explicit padding) runs as the module's own forward.
+    :func:`winograd_applies`, in training too. Other orders and explicit
+    padding run as the module's own forward.
     """
-    if isinstance(module, nn.Conv2d):
-        if winograd_applies(module, x):
-            return winograd_conv3x3(x, module.weight, module.bias)
-        return module(x)
+    if type(module) is nn.Conv2d:
+        return _conv(module, x, module.weight, module.bias)
     if not isinstance(module, ConvModule) or \
             module.order != ('conv', 'norm', 'act') or \
-            module.with_explicit_padding:
+            module.with_explicit_padding or type(module.conv) is not nn.Conv2d:
         return module(x)
-    norm = _eval_batch_norm(module)
-    if norm is False:
-        return module(x)
-    conv = module.conv
-    weight, bias = _folded(conv, norm)
-    if winograd_applies(conv, x):
-        y = winograd_conv3x3(x, weight, bias)
+    conv, norm = module.conv, module.norm if module.with_norm else None
+    if norm is not None and _foldable(norm):
+        y = _conv(conv, x, *_folded(conv, norm))
     else:
-        y = F.conv2d(x, weight, bias, conv.stride, conv.padding,
-                     conv.dilation, conv.groups)
+        y = _conv(conv, x, conv.weight, conv.bias)
+        if norm is not None:
+            y = norm(y)
     return module.activate(y) if module.with_activation else y

@@ -75,9 +75,8 @@ def test_applies_only_to_large_cpu_inference_in_full_precision():
         assert not winograd_applies(conv, _map().bfloat16())
         with torch.autocast('cpu', dtype=torch.bfloat16):
             assert not winograd_applies(conv, _map())
-    # a gradient is needed: PyTorch's convolution and its backward
-    assert not winograd_applies(conv, _map())
-    assert winograd_applies(conv.requires_grad_(False), _map())
+    # training too: the backward is Winograd's
+    assert winograd_applies(conv, _map().requires_grad_())
     meta = _conv(device='meta')
     with torch.no_grad():
         assert not winograd_applies(meta, _map().to('meta'))
@@ -125,27 +124,60 @@ def test_conv_module_folds_eval_batch_norm_and_uses_winograd(counted):
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_conv_module_in_training_runs_as_its_own_forward(counted):
-    module = _conv_module().train()
-    x = _map(pixels=70 * 64).double()
-    torch.manual_seed(0)
-    out = conv_module_forward(module, x)
-    assert not counted
-    out.sum().backward()  # differentiable, statistics in training mode
-    assert module.conv.weight.grad is not None
-    assert module.norm.num_batches_tracked == 1
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_backward_passes_gradcheck(with_bias):
+    x, weight, bias = _inputs(1, 3, 2, 6, 9, torch.float64)
+    inputs = (x.requires_grad_(), weight.requires_grad_(),
+              bias.requires_grad_() if with_bias else None)
+    assert torch.autograd.gradcheck(winograd_conv3x3, inputs)
 
 
-def test_frozen_batch_norm_training_matches_and_gives_gradients(counted):
-    module = _conv_module()  # eval BN, trainable conv: no Winograd
-    reference = _conv_module()
+def test_gradients_equal_conv2d_in_float64():
+    x, weight, bias = _inputs(2, 16, 12, 37, 50, torch.float64)
+    grad = torch.randn(2, 12, 37, 50, dtype=torch.float64)
+    results = []
+    for conv in (winograd_conv3x3, lambda *a: F.conv2d(*a, padding=1)):
+        leaves = [t.detach().clone().requires_grad_()
+                  for t in (x, weight, bias)]
+        conv(*leaves).backward(grad)
+        results.append([t.grad for t in leaves])
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_backward_keeps_only_the_input_and_weight():
+    x, weight, bias = _inputs(1, 8, 4, 70, 64, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    out = winograd_conv3x3(*leaves)
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 2 and saved[0] is x and saved[1] is weight
+
+
+def test_conv_module_in_training_uses_winograd_then_its_norm(counted):
+    """A BatchNorm in training mode stays a separate step after the
+    convolution: the same loss, gradients and running statistics."""
+    ours, ref = _conv_module().train(), _conv_module().train()
     x = _map(pixels=70 * 64).double()
-    out, expected = conv_module_forward(module, x), reference(x)
-    assert not counted
+    out, expected = conv_module_forward(ours, x), ref(x)
+    assert len(counted) == 1
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    out.square().sum().backward(), expected.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9,
+                                   msg=name)
+    torch.testing.assert_close(ours.norm.running_var, ref.norm.running_var)
+
+
+def test_frozen_batch_norm_is_folded_in_training(counted):
+    ours, ref = _conv_module(), _conv_module()  # eval BN, trainable conv
+    x = _map(pixels=70 * 64).double()
+    out, expected = conv_module_forward(ours, x), ref(x)
+    assert len(counted) == 1
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     out.sum().backward(), expected.sum().backward()
-    torch.testing.assert_close(module.conv.weight.grad,
-                               reference.conv.weight.grad)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9,
+                                   msg=name)
 
 
 NECK = dict(in_channels=[4, 6, 8, 10], out_channels=5, num_outs=4)
