@@ -9,9 +9,16 @@ One run builds the config's segmentor twice with identical weights: *ours*
 model.impl=plain`` for the plain one) and the *reference*, the same config
 with ``model.impl='plain'`` (mmseg's own FPN and FPNHead, as mmseg builds
 them) over MMPretrain 1.2.0's PoolFormer source
-(``tools/upstream_reference.py``), eager, NCHW. For every mode, input
+(``tools/upstream_reference.py``), NCHW, run eager (row ``reference``)
+and through ``torch.compile`` (row ``reference+compile``, the one-line
+alternative a user has; its compilation is the "first call" column). With
+``--ablations``, rows ``ours-no-<name>`` run ours with one hand-written
+optimisation turned off (:data:`ABLATIONS`): each must beat its row by
+more than the spread of the repeats, or go. For every mode, input
 size and batch size the variants (model x dtype) are timed in turns, so that
-background load hits all of them alike, and medians are reported:
+background load hits all of them alike, and medians are reported, with
+each row's nominal FLOP rate as a fraction of the measured matrix-product
+peak (``--no-peak`` skips that):
 
 * ``infer``: ``encode_decode`` (backbone, neck, head and the resize of the
   logits to the input size) under ``no_grad``;
@@ -93,6 +100,19 @@ def parse_args(argv=None):
                    help='torch CPU threads')
     p.add_argument('--reference', action=argparse.BooleanOptionalAction,
                    default=True, help='also run the mmpretrain reference')
+    p.add_argument('--compiled-reference',
+                   action=argparse.BooleanOptionalAction, default=True,
+                   help='also run the reference through torch.compile '
+                   '(row "reference+compile"; its compile time is the '
+                   '"first call" column)')
+    p.add_argument('--ablations', action=argparse.BooleanOptionalAction,
+                   default=False,
+                   help='also run ours with each hand-written optimisation '
+                   'turned off (rows "ours-no-<name>", see ABLATIONS)')
+    p.add_argument('--peak', action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help='measure the matrix-product peak and the nominal '
+                   'FLOPs, and report each row as a fraction of the peak')
     p.add_argument('--memory', action=argparse.BooleanOptionalAction,
                    default=True, help='measure peak memory (subprocesses)')
     p.add_argument('--checkpoint', help='segmentor weights to load instead '
@@ -251,17 +271,28 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device, dtype=DTYPES[dtype])
 
 
-def make_step(model, mode, dtype, images, samples, device):
-    """A callable running one inference or training step."""
+def make_step(model, mode, dtype, images, samples, device, compiled=False):
+    """A callable running one inference or training step; with
+    ``compiled``, its model part (``encode_decode``, or ``loss``) runs
+    through ``torch.compile`` (compiled on the first call), as a user would
+    add it with one line."""
     if mode == 'infer':
         model.eval()
         metas = [s.metainfo for s in samples]
 
+        def encode_decode(x):
+            return model.encode_decode(x, metas)
+        forward = torch.compile(encode_decode) if compiled else encode_decode
+
         def step():
             with torch.no_grad(), autocast(device, dtype):
-                return model.encode_decode(images, metas)
+                return forward(images)
         return step
     model.train()
+
+    def loss(x):
+        return model.loss(x, samples)
+    forward = torch.compile(loss) if compiled else loss
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=2e-4,
         weight_decay=1e-4)
@@ -269,7 +300,7 @@ def make_step(model, mode, dtype, images, samples, device):
 
     def step():
         with autocast(device, dtype):
-            losses = model.loss(images, samples)
+            losses = forward(images)
         loss = sum(v for k, v in losses.items() if 'loss' in k)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -285,7 +316,8 @@ def make_step(model, mode, dtype, images, samples, device):
 
 def time_interleaved(steps, repeats, warmup, device):
     """Wall and process CPU seconds per call of each step, taken in turns
-    (round robin).
+    (round robin), and the wall seconds of the first call (at least one
+    warm-up call is made: it includes any compilation).
 
     CPU time (all threads) is a second view for loaded machines: with one
     thread it is the compute the step needed, whatever else runs.
@@ -293,11 +325,16 @@ def time_interleaved(steps, repeats, warmup, device):
     def sync():
         if device == 'cuda':
             torch.cuda.synchronize()
-    for step in steps.values():
-        for _ in range(warmup):
+    first = {}
+    for name, step in steps.items():
+        for i in range(max(1, warmup)):
+            sync()
+            start = time.perf_counter()
             step()
-    sync()
-    times = {name: ([], []) for name in steps}
+            sync()
+            if i == 0:
+                first[name] = time.perf_counter() - start
+    times = {name: ([], [], first[name]) for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             sync()
@@ -349,13 +386,14 @@ def run_probe(spec, args):
     """Worker: build one variant, run its steps, print its peak memory."""
     device = args.device
     state = torch.load(spec['weights'], weights_only=True)
-    model = build_pair(args, device, state)[spec['model']]
+    models = build_pair(args, device, state)
+    models = {base_model(spec['model']): models[base_model(spec['model'])]}
     del state
-    num_classes = model.decode_head.num_classes
+    num_classes = next(iter(models.values())).decode_head.num_classes
     images, samples = make_inputs(spec['batch'], tuple(spec['size']),
                                   num_classes, device, args.seed)
-    step = make_step(model, spec['mode'], spec['dtype'], images, samples,
-                     device)
+    step = variant_step(models, spec['model'], spec['mode'], spec['dtype'],
+                        images, samples, device)
     runs = max(1, args.warmup) + 1
     if device == 'cuda':
         torch.cuda.synchronize()
@@ -401,12 +439,108 @@ def measure_memory(spec, args, argv):
 # Main loop
 
 
+def _no_winograd():
+    from poolformer_seg.models import winograd
+    return _patched(winograd, 'MIN_PIXELS', float('inf'))
+
+
+def _no_recycle():
+    from poolformer_seg.models.decode_heads import fast_fpn_head
+    return _patched(fast_fpn_head.RecycledOutput, 'take',
+                    lambda self, like, shape: None)
+
+
+@contextlib.contextmanager
+def _patched(owner, name, value):
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+ABLATIONS = {
+    # Winograd F(4x4, 3x3) for the large 3x3 convolutions of neck and head
+    'winograd': _no_winograd,
+    # FastFPNHead writes its output and scratch into the memory of the
+    # previous call's once unused (RecycledOutput)
+    'recycle': _no_recycle,
+}
+
+
 def variants(args):
-    names = ['ours'] + (['reference'] if args.reference else [])
+    names = ['ours']
+    if args.ablations:
+        names += [f'ours-no-{name}' for name in ABLATIONS]
+    if args.reference:
+        names.append('reference')
+        if args.compiled_reference:
+            names.append('reference+compile')
     return [(name, dtype) for name in names for dtype in args.dtype]
 
 
+def base_model(name):
+    """The model of a variant: 'ours' or 'reference'."""
+    return name.split('-')[0].split('+')[0]
+
+
+def variant_step(models, name, mode, dtype, images, samples, device):
+    """:func:`make_step` for a variant name: ablations run ours inside
+    their patch, ``+compile`` through ``torch.compile``."""
+    step = make_step(models[base_model(name)], mode, dtype, images, samples,
+                     device, compiled=name.endswith('+compile'))
+    if not name.startswith('ours-no-'):
+        return step
+    ablation = ABLATIONS[name[len('ours-no-'):]]
+
+    def ablated():
+        with ablation():
+            return step()
+    return ablated
+
+
 CLASSIFIER = 'decode_head.conv_seg'
+
+
+def matmul_peak_gflops(device, dtype, n=2048, repeats=5):
+    """The best matrix-product throughput (GFLOP/s, 2 per multiply-add)
+    of an ``n x n`` product in ``dtype`` (under autocast, as the models run
+    it), from the median of ``repeats`` runs."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    if dtype != 'fp32':
+        a, b = a.to(DTYPES[dtype]), b.to(DTYPES[dtype])
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def peak_fraction(rec, peak_gflops, flops, models):
+    """Nominal FLOPs of the step over its median time, as a fraction of
+    the matrix-product peak. Nominal: the direct algorithms' count (MMEngine's
+    FlopAnalyzer on the plain reference, 2 FLOPs per multiply-add); a
+    training step counts 3x the forward (forward, and the two products of
+    the backward). Winograd does fewer multiplications than nominal, so a
+    fraction above 1 is possible."""
+    from poolformer_seg.apis.complexity import count_flops
+    size = tuple(rec['size'])
+    if size not in flops:
+        model = models.get('reference', models['ours'])
+        training = model.training
+        flops[size] = count_flops(model.eval(), size)[0]['total']
+        model.train(training)
+    work = 2 * flops[size] * rec['batch'] * (3 if rec['mode'] == 'train'
+                                             else 1)
+    return work / (rec['median_ms'] / 1e3) / 1e9 / peak_gflops
 
 
 @torch.no_grad()
@@ -485,6 +619,9 @@ def run(args, argv):
     models = build_pair(args, device)
     num_classes = models['ours'].decode_head.num_classes
     records, checks = [], []
+    peak = {dtype: matmul_peak_gflops(device, dtype)
+            for dtype in args.dtype} if args.peak else {}
+    flops = {}  # (H, W) -> nominal multiply-adds of one image
     tmp = tempfile.TemporaryDirectory()
     weights = os.path.join(tmp.name, 'weights.pth')
     torch.save(models['ours'].state_dict(), weights)
@@ -495,19 +632,23 @@ def run(args, argv):
             images, samples = make_inputs(batch, size, num_classes, device,
                                           args.seed)
             for mode in args.modes:
-                steps = {f'{name}/{dtype}': make_step(
-                    models[name], mode, dtype, images, samples, device)
+                steps = {f'{name}/{dtype}': variant_step(
+                    models, name, mode, dtype, images, samples, device)
                     for name, dtype in variants(args)}
                 times = time_interleaved(steps, args.repeats, args.warmup,
                                          device)
                 for name, dtype in variants(args):
-                    t, cpu = times[f'{name}/{dtype}']
+                    t, cpu, first = times[f'{name}/{dtype}']
                     rec = dict(mode=mode, size=list(size), batch=batch,
                                model=name, dtype=dtype,
                                median_ms=statistics.median(t) * 1e3,
-                               min_ms=min(t) * 1e3,
+                               min_ms=min(t) * 1e3, max_ms=max(t) * 1e3,
+                               first_call_s=first,
                                times_ms=[v * 1e3 for v in t],
                                cpu_median_ms=statistics.median(cpu) * 1e3)
+                    if peak:
+                        rec['peak_fraction'] = peak_fraction(
+                            rec, peak[dtype], flops, models)
                     rec['images_per_s'] = batch / (rec['median_ms'] / 1e3)
                     records.append(rec)
                     print(format_record(rec), flush=True)
@@ -528,7 +669,10 @@ def run(args, argv):
                 args, argv))
             print(format_record(rec), flush=True)
     add_ratios(records)
-    return dict(environment=environment(args), records=records,
+    env = environment(args)
+    if peak:
+        env['matmul_peak_gflops'] = peak
+    return dict(environment=env, records=records,
                 agreement=checks, scaling=scaling(records))
 
 
@@ -536,7 +680,7 @@ def format_record(rec):
     mem = (f", peak +{rec['peak_delta_mb']:.0f} MB"
            if 'peak_delta_mb' in rec else '')
     return (f"{rec['mode']:5s} {rec['size'][0]}x{rec['size'][1]} "
-            f"b{rec['batch']} {rec['model']:9s} {rec['dtype']}: "
+            f"b{rec['batch']} {rec['model']:17s} {rec['dtype']}: "
             f"{rec['median_ms']:.1f} ms (min {rec['min_ms']:.1f}){mem}")
 
 
@@ -556,6 +700,10 @@ def add_ratios(records):
             if 'peak_delta_mb' in r and tag == 'same':
                 r['memory_vs_ref'] = r['peak_delta_mb'] / max(
                     ref['peak_delta_mb'], 1e-9)
+        compiled = index.get((r['mode'], tuple(r['size']), r['batch'],
+                              'reference+compile', r['dtype']))
+        if compiled is not None and r is not compiled:
+            r['speedup_vs_compiled'] = compiled['median_ms'] / r['median_ms']
 
 
 def scaling(records):
@@ -622,11 +770,17 @@ def to_markdown(report):
         f"weights: {env['weights']}; ours: "
         f"impl={env.get('impl')}; "
         f"median of {env['repeats']} runs after {env['warmup']} warm-up.",
+        '', 'Matrix-product peak (GFLOP/s): ' + (', '.join(
+            f'{k} {v:.0f}' for k, v in env['matmul_peak_gflops'].items())
+            if 'matmul_peak_gflops' in env else 'not measured') +
+        '; "of peak": nominal FLOPs per second over that peak.',
         '',
-        '| mode | size | batch | model | dtype | median ms | img/s '
-        '| x ref fp32 | x ref same dtype | CPU ms | CPU x ref fp32 '
+        '| mode | size | batch | model | dtype | median ms | min-max ms '
+        '| first call s | img/s | x ref fp32 | x ref same dtype '
+        '| x ref+compile | CPU ms | CPU x ref fp32 | of peak '
         '| peak mem +MB | mem / ref |',
-        '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+        '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|'
+        '---|']
 
     def fmt(value, spec):
         return '-' if value is None else format(value, spec)
@@ -634,11 +788,15 @@ def to_markdown(report):
         lines.append(
             f"| {r['mode']} | {r['size'][0]}x{r['size'][1]} | {r['batch']} "
             f"| {r['model']} | {r['dtype']} | {r['median_ms']:.1f} "
+            f"| {fmt(r.get('min_ms'), '.0f')}-{fmt(r.get('max_ms'), '.0f')} "
+            f"| {fmt(r.get('first_call_s'), '.1f')} "
             f"| {r['images_per_s']:.2f} "
             f"| {fmt(r.get('speedup_vs_ref_fp32'), '.2f')} "
             f"| {fmt(r.get('speedup_vs_ref_same'), '.2f')} "
+            f"| {fmt(r.get('speedup_vs_compiled'), '.2f')} "
             f"| {r['cpu_median_ms']:.0f} "
             f"| {fmt(r.get('cpu_speedup_vs_ref_fp32'), '.2f')} "
+            f"| {fmt(r.get('peak_fraction'), '.2f')} "
             f"| {fmt(r.get('peak_delta_mb'), '.0f')} "
             f"| {fmt(r.get('memory_vs_ref'), '.2f')} |")
     if report['agreement']:

@@ -5,8 +5,9 @@ mmseg's ``EncoderDecoder.postprocess_result`` resizes the logits of all
 classes to the original image size in fp32 and keeps them as ``seg_logits``
 next to the labels: ``4 * num_classes`` bytes per pixel, 14.4 GB for a
 6000x4000 photo and 150 classes, although only their arg-max is used.
-:func:`resized_argmax` computes the same bilinear resize and arg-max one
-output row at a time, so that only a few rows of full-width scores exist.
+:func:`resized_argmax` computes the same bilinear resize and arg-max for
+blocks of output rows once the scores would exceed 256 MB, so that
+memory stays bounded whatever the photo's size.
 
 ``impl`` is the model's one switch between our fast path (the default) and
 upstream mmseg's computation of the same function (``impl='plain'``, e.g.
@@ -17,6 +18,7 @@ import inspect
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from mmengine.structures import PixelData
 from mmseg.models.segmentors import EncoderDecoder, SegTTAModel
 from mmseg.registry import MODELS
@@ -87,21 +89,31 @@ def source_positions(in_size: int, out_size: int, align_corners: bool,
     return i0, i1, 1 - w1, w1
 
 
+BLOCK_BYTES = 256 * 2**20
+"""Bound on the scores :func:`resized_argmax` holds at a time: up to it,
+the whole image is resized at once (mmseg's computation, the fastest);
+beyond it, blocks of output rows of at most this size."""
+
+
 def resized_argmax(logits: torch.Tensor, size, align_corners: bool,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``argmax`` over classes of ``logits`` resized bilinearly to ``size``,
-    computed one output row at a time.
+    in memory bounded by :data:`BLOCK_BYTES`.
 
-    As in PyTorch's kernel, output row ``r`` blends input rows ``i0[r]`` and
+    When the resized scores fit in :data:`BLOCK_BYTES` (an ADE20K image:
+    150 classes at 512 x 683 are 210 MB), they are computed as mmseg does,
+    ``F.interpolate`` then ``argmax``. Beyond that (a photo from a camera:
+    14.4 GB at 6000 x 4000), one block of output rows at a time: as in
+    PyTorch's kernel, output row ``r`` blends input rows ``i0[r]`` and
     ``i1[r]`` (weights ``w0[r]``, ``w1[r]``; :func:`source_positions`),
-    each resized along the width first. Input rows are resized along the
-    width when a row first needs them and kept while the next row may (the
-    rows move forward monotonically), so each is resized once, and only two
-    input rows and one output row of ``W x C`` scores exist at a time. All
-    arithmetic is element-wise: ``x0 * w0 + x1 * w1`` per pixel and class,
-    each product and sum rounded once, so the result does not depend on how
-    the image is cut into rows; ``tests/models/segmentors`` compares it with
-    the same formula evaluated on the whole image at once. Against
+    each resized along the width first. A block takes the input rows it
+    needs (a contiguous span: the positions only move forward), resizes
+    them along the width once, blends them and takes the arg-max; its
+    scores are at most :data:`BLOCK_BYTES`. All arithmetic is
+    element-wise: ``x0 * w0 + x1 * w1`` per pixel and class, each product
+    and sum rounded once, so the result does not depend on how the image is
+    cut into blocks; ``tests/models/segmentors`` compares it with the same
+    formula evaluated on the whole image at once. Against
     ``F.interpolate`` + ``argmax`` (mmseg): the scores agree to a few fp32
     ulps (the compiled kernel fuses some multiply-adds), so labels can differ
     only where the two best classes are that close (2 pixels in 10 million
@@ -124,25 +136,29 @@ def resized_argmax(logits: torch.Tensor, size, align_corners: bool,
         logits.shape[1], height, align_corners, device)
     cols0, cols1, col_w0, col_w1 = source_positions(
         logits.shape[2], width, align_corners, device)
-    col_w0, col_w1 = col_w0.to(dtype)[:, None], col_w1.to(dtype)[:, None]
-    row_w0, row_w1 = row_w0.to(dtype), row_w1.to(dtype)
-    resized = {}  # input row -> W x C scores, the rows still needed
-
-    def wide(index):
-        if index not in resized:
-            row = logits[:, index].t().contiguous()  # w x C
-            left = row.index_select(0, cols0).mul_(col_w0)
-            resized[index] = left.add_(row.index_select(0, cols1)
-                                       .mul_(col_w1))
-        return resized[index]
-
-    upper = lower = None
-    for r, (i0, i1) in enumerate(zip(rows0.tolist(), rows1.tolist())):
-        for index in [i for i in resized if i < i0]:
-            del resized[index]
-        upper = torch.mul(wide(i0), row_w0[r], out=upper)
-        lower = torch.mul(wide(i1), row_w1[r], out=lower)
-        torch.argmax(upper.add_(lower), dim=1, out=out[r])
+    col_w0 = col_w0.to(dtype).view(-1, 1)
+    col_w1 = col_w1.to(dtype).view(-1, 1)
+    row_w0 = row_w0.to(dtype).view(-1, 1, 1)
+    row_w1 = row_w1.to(dtype).view(-1, 1, 1)
+    # classes last: selecting rows and columns then moves whole C-vectors
+    # (selecting along the innermost dimension is many times slower)
+    pixels = logits.permute(1, 2, 0)  # h x w x C
+    row_bytes = logits.shape[0] * width * logits.element_size()
+    if row_bytes * height <= BLOCK_BYTES:
+        resized = F.interpolate(logits[None], size, mode='bilinear',
+                                align_corners=align_corners)
+        return torch.argmax(resized[0], dim=0, out=out)
+    step = max(1, BLOCK_BYTES // row_bytes)
+    for start in range(0, height, step):
+        block = slice(start, start + step)
+        first, last = int(rows0[block][0]), int(rows1[block][-1])
+        span = pixels[first:last + 1]  # the input rows the block needs
+        wide = span.index_select(1, cols0).mul_(col_w0).add_(
+            span.index_select(1, cols1).mul_(col_w1))  # rows x W x C
+        # indexing, not index_select: the latter copies large rows slowly
+        upper = wide[rows0[block] - first].mul_(row_w0[block])
+        lower = wide[rows1[block] - first].mul_(row_w1[block])
+        torch.argmax(upper.add_(lower), dim=-1, out=out[block])
     return out
 
 

@@ -43,17 +43,29 @@ def whole_image_formula(logits, size, align_corners):
     return full.argmax(-1)
 
 
+@pytest.mark.parametrize('block_rows', [1, 3, 7, None])
 @pytest.mark.parametrize('align_corners', [False, True])
 @pytest.mark.parametrize('sizes', SIZES)
-def test_row_by_row_equals_the_whole_image_exactly(sizes, align_corners):
-    """Each output row reads the right two input rows (a one-row halo), and
-    the labels are bit for bit those of the untiled computation."""
+def test_blocks_of_rows_equal_the_whole_image_exactly(
+        sizes, align_corners, block_rows, monkeypatch):
+    """Each block of output rows reads the right span of input rows (a
+    one-row halo), and the labels are bit for bit those of the untiled
+    computation, however the rows are blocked (None: scores within the
+    memory bound, resized at once as mmseg does)."""
+    from poolformer_seg.models.segmentors import rowwise_encoder_decoder
     (h, w), size = sizes
     logits = smooth_logits(19, h, w, seed=h * w)
+    if block_rows is not None:
+        monkeypatch.setattr(rowwise_encoder_decoder, 'BLOCK_BYTES',
+                            block_rows * 19 * size[1] * 4)
     ours = resized_argmax(logits, size, align_corners)
     assert ours.shape == size and ours.dtype == torch.long
-    assert torch.equal(ours, whole_image_formula(logits, size,
-                                                 align_corners))
+    if block_rows is None:
+        expected = F.interpolate(logits[None], size, mode='bilinear',
+                                 align_corners=align_corners)[0].argmax(0)
+    else:
+        expected = whole_image_formula(logits, size, align_corners)
+    assert torch.equal(ours, expected)
 
 
 @pytest.mark.parametrize('align_corners', [False, True])
