@@ -89,18 +89,20 @@ def source_positions(in_size: int, out_size: int, align_corners: bool,
     return i0, i1, 1 - w1, w1
 
 
-BLOCK_BYTES = 256 * 2**20
-"""Bound on the scores :func:`resized_argmax` holds at a time: up to it,
-the whole image is resized at once (mmseg's computation, the fastest);
-beyond it, blocks of output rows of at most this size."""
+WHOLE_IMAGE_BYTES = 256 * 2**20
+"""Up to this size of the resized scores, :func:`resized_argmax` resizes
+the whole image at once (mmseg's computation, the fastest)."""
+BLOCK_BYTES = 32 * 2**20
+"""Beyond :data:`WHOLE_IMAGE_BYTES`, the size of the scores of one block of
+output rows (a few such temporaries exist at a time)."""
 
 
 def resized_argmax(logits: torch.Tensor, size, align_corners: bool,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``argmax`` over classes of ``logits`` resized bilinearly to ``size``,
-    in memory bounded by :data:`BLOCK_BYTES`.
+    in bounded memory.
 
-    When the resized scores fit in :data:`BLOCK_BYTES` (an ADE20K image:
+    When the resized scores fit in :data:`WHOLE_IMAGE_BYTES` (an ADE20K image:
     150 classes at 512 x 683 are 210 MB), they are computed as mmseg does,
     ``F.interpolate`` then ``argmax``. Beyond that (a photo from a camera:
     14.4 GB at 6000 x 4000), one block of output rows at a time: as in
@@ -144,7 +146,7 @@ def resized_argmax(logits: torch.Tensor, size, align_corners: bool,
     # (selecting along the innermost dimension is many times slower)
     pixels = logits.permute(1, 2, 0)  # h x w x C
     row_bytes = logits.shape[0] * width * logits.element_size()
-    if row_bytes * height <= BLOCK_BYTES:
+    if row_bytes * height <= WHOLE_IMAGE_BYTES:
         resized = F.interpolate(logits[None], size, mode='bilinear',
                                 align_corners=align_corners)
         return torch.argmax(resized[0], dim=0, out=out)

@@ -56,6 +56,7 @@ def test_blocks_of_rows_equal_the_whole_image_exactly(
     (h, w), size = sizes
     logits = smooth_logits(19, h, w, seed=h * w)
     if block_rows is not None:
+        monkeypatch.setattr(rowwise_encoder_decoder, 'WHOLE_IMAGE_BYTES', 0)
         monkeypatch.setattr(rowwise_encoder_decoder, 'BLOCK_BYTES',
                             block_rows * 19 * size[1] * 4)
     ours = resized_argmax(logits, size, align_corners)
