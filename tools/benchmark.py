@@ -503,7 +503,7 @@ def variant_step(models, name, mode, dtype, images, samples, device):
 CLASSIFIER = 'decode_head.conv_seg'
 
 
-def matmul_peak_gflops(device, dtype, n=2048, repeats=5):
+def matmul_peak_gflops(device, dtype, n=1024, repeats=3):
     """The best matrix-product throughput (GFLOP/s, 2 per multiply-add)
     of an ``n x n`` product in ``dtype`` (under autocast, as the models run
     it), from the median of ``repeats`` runs."""

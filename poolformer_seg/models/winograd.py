@@ -88,9 +88,11 @@ def _transform_input(x):
                           1, TILE * tiles_h + 1 - height))
     tiles = padded.unfold(1, 6, TILE).unfold(2, 6, TILE)  # B th tw C 6 6
     d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(6, 6, -1)
+    del padded, tiles  # each temporary is freed as soon as it is used
     bt = _matrix(_BT, x)
-    v = torch.matmul(bt, (bt @ d.view(6, -1)).view(6, 6, -1))
-    return v.view(36, -1, channels)
+    half = (bt @ d.view(6, -1)).view(6, 6, -1)
+    del d
+    return torch.matmul(bt, half).view(36, -1, channels)
 
 
 def _transform_output(m, like):
@@ -100,8 +102,10 @@ def _transform_output(m, like):
     batch, _, height, width = like.shape
     tiles_h, tiles_w = _tile_counts(like)
     at = _matrix(_AT, m)
-    y = torch.matmul(at, (at @ m.view(6, -1)).view(TILE, 6, -1))
-    y = y.view(TILE, TILE, batch, tiles_h, tiles_w, -1)
+    half = (at @ m.view(6, -1)).view(TILE, 6, -1)
+    del m
+    y = torch.matmul(at, half).view(TILE, TILE, batch, tiles_h, tiles_w, -1)
+    del half
     y = y.permute(2, 3, 0, 4, 1, 5).reshape(batch, TILE * tiles_h,
                                             TILE * tiles_w, -1)
     return y[:, :height, :width].permute(0, 3, 1, 2)
@@ -123,8 +127,8 @@ def _transform_output_grad(grad, like):
 
 
 def _forward(x, weight, bias):
-    m = torch.bmm(_transform_input(x), _transform_weight(weight))
-    y = _transform_output(m, x)  # a B x K x H x W view of B x H x W x K
+    y = _transform_output(  # a B x K x H x W view of B x H x W x K
+        torch.bmm(_transform_input(x), _transform_weight(weight)), x)
     if bias is None:
         return y.contiguous(memory_format=torch.channels_last)
     return y + bias.view(-1, 1, 1)

@@ -23,7 +23,8 @@ def report(bench, tmp_path_factory):
     argv = [S12_CONFIG, '--sizes', '64x64', '96x80', '--batch-sizes', '1',
             '--dtype', 'fp32', 'bf16', '--modes', 'infer', 'train',
             '--repeats', '2', '--warmup', '0', '--threads', '1',
-            '--no-memory', '--json', str(out / 'r.json'),
+            '--no-memory', '--no-compiled-reference', '--no-peak',
+            '--json', str(out / 'r.json'),
             '--markdown', str(out / 'r.md'), '--plot', str(out / 'r.png')]
     bench.main(argv)
     with open(out / 'r.json') as f:
@@ -77,6 +78,62 @@ def test_markdown_and_plot_files(report):
         'python tools/benchmark.py')
     image = matplotlib.image.imread(str(out / 'r.png'))
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """The S12 config with a one-block-per-stage, narrow backbone, neck and
+    head: the same code paths, quick to run and to compile."""
+    path = tmp_path / 'tiny.py'
+    path.write_text(
+        f"_base_ = {str(S12_CONFIG)!r}\n"
+        "model = dict(\n"
+        "    backbone=dict(arch=dict(_delete_=True, layers=[1, 1, 1, 1],\n"
+        "                            embed_dims=[8, 16, 24, 32])),\n"
+        "    neck=dict(in_channels=[8, 16, 24, 32], out_channels=16),\n"
+        "    decode_head=dict(in_channels=[16] * 4, channels=8))\n")
+    return str(path)
+
+
+def test_ablation_rows_turn_one_optimisation_off_and_report_peak(
+        bench, tmp_path, tiny_config):
+    """``--ablations`` adds a row per hand-written optimisation, run inside
+    a patch that turns it off (and restores it); every row reports its
+    fraction of the measured matrix-product peak."""
+    from poolformer_seg.models import winograd
+    with bench.ABLATIONS['winograd']():
+        assert winograd.MIN_PIXELS == float('inf')
+    assert winograd.MIN_PIXELS == 64 * 64
+    out = tmp_path / 'a.json'
+    bench.main([tiny_config, '--sizes', '64x64', '--dtype', 'fp32',
+                '--modes', 'infer', '--repeats', '1', '--warmup', '0',
+                '--threads', '1', '--no-memory', '--no-compiled-reference',
+                '--ablations', '--json', str(out)])
+    data = json.loads(out.read_text())
+    assert [r['model'] for r in data['records']] == [
+        'ours', 'ours-no-winograd', 'ours-no-recycle', 'reference']
+    assert data['environment']['matmul_peak_gflops']['fp32'] > 0
+    for r in data['records']:
+        assert r['peak_fraction'] > 0 and r['first_call_s'] > 0
+
+
+@pytest.mark.slow
+def test_compiled_reference_row_reports_its_compile_time(bench, tmp_path,
+                                                         tiny_config):
+    """The upstream route through torch.compile is a row of its own, its
+    compilation in the first-call column, and ours gets a ratio to it."""
+    out = tmp_path / 'c.json'
+    bench.main([tiny_config, '--sizes', '64x64', '--dtype', 'fp32',
+                '--modes', 'infer', '--repeats', '1', '--warmup', '1',
+                '--threads', '1', '--no-memory', '--no-peak', '--json',
+                str(out)])
+    records = {r['model']: r for r in json.loads(out.read_text())['records']}
+    assert list(records) == ['ours', 'reference', 'reference+compile']
+    compiled = records['reference+compile']
+    # the first call compiled: far slower than a compiled call
+    assert compiled['first_call_s'] > 10 * compiled['median_ms'] / 1e3
+    assert records['ours']['speedup_vs_compiled'] == pytest.approx(
+        compiled['median_ms'] / records['ours']['median_ms'])
 
 
 @pytest.mark.slow
