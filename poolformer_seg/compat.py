@@ -59,7 +59,7 @@ from _poolformer_seg_mmcv_lite import (MissingMmcvOpError, UnavailableOp,
 __all__ = ['apply', 'full_mmcv_available', 'MissingMmcvOpError',
            'UnavailableOp', 'register_load_state_dict_pre_hook',
            'torch_safe_globals', 'numpy_core', 'onednn_linear',
-           'upsample_bilinear_into', 'storage_users', 'autocast_dtype',
+           'autocast_dtype',
            'runner_resume', 'set_runner_load_from', 'built_train_loop',
            'built_eval_loop',
            'train_dataloader_cfg', 'diff_rank_seed',
@@ -215,41 +215,6 @@ def onednn_linear(x, weight, bias, gelu: bool):
             (x.dtype == torch.bfloat16 and not supported()):
         return None
     return op(x, weight, bias, 'gelu' if gelu else 'none', [], 'none')
-
-
-def _private_upsample():
-    return getattr(getattr(torch._C, '_nn', None), 'upsample_bilinear2d',
-                   None)
-
-
-def upsample_bilinear_into(x, size, align_corners: bool, out):
-    """``F.interpolate(x, size, mode='bilinear')`` written into ``out``.
-
-    ``torch._C._nn.upsample_bilinear2d`` takes ``out=`` in every torch 2.x;
-    should it go, the result is computed and copied (same values, one more
-    temporary).
-    """
-    upsample = _private_upsample()
-    if upsample is not None:
-        return upsample(x, list(size), align_corners, None, None, out=out)
-    import torch.nn.functional as F
-    return out.copy_(F.interpolate(x, size=list(size), mode='bilinear',
-                                   align_corners=align_corners))
-
-
-def storage_users(tensor: torch.Tensor) -> int:
-    """How many tensors (views included) and storage objects share the
-    memory of ``tensor``, besides ``tensor`` itself plus one; a large number
-    where torch cannot tell (so that callers never reuse the memory).
-
-    ``Tensor._use_count`` and ``torch._C._storage_Use_Count`` (torch >= 2.1).
-    """
-    count = getattr(torch._C, '_storage_Use_Count', None)
-    use_count = getattr(tensor, '_use_count', None)
-    if count is None or use_count is None:
-        return sys.maxsize
-    storage = tensor.untyped_storage()  # itself one more user until freed
-    return max(use_count(), count(storage._cdata) - 1)
 
 
 # MMEngine's Runner keeps its ``resume``/``load_from`` arguments, the train

@@ -182,30 +182,6 @@ def test_onednn_linear_matches_public_ops_or_says_it_is_missing(
     assert compat.onednn_linear(x, weight, bias, gelu) is None
 
 
-def test_upsample_into_direct_and_fallback_equal_interpolate(monkeypatch):
-    x = torch.randn(1, 3, 5, 7)
-    expected = F.interpolate(x, size=(11, 13), mode='bilinear',
-                             align_corners=False)
-    out = torch.empty_like(expected)
-    assert compat.upsample_bilinear_into(x, (11, 13), False, out) is out
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    monkeypatch.setattr(compat, '_private_upsample', lambda: None)
-    out = torch.zeros_like(expected)
-    compat.upsample_bilinear_into(x, (11, 13), False, out)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-
-
-def test_storage_users_counts_views_and_is_cautious_without_the_api(
-        monkeypatch):
-    tensor = torch.zeros(4)
-    assert compat.storage_users(tensor) == 1
-    view = tensor[1:]
-    assert compat.storage_users(tensor) == 2
-    del view
-    monkeypatch.delattr(torch._C, '_storage_Use_Count')
-    assert compat.storage_users(tensor) > 1  # never "free to reuse"
-
-
 @pytest.mark.slow
 def test_import_without_mmcv_says_what_to_install():
     code = textwrap.dedent('''

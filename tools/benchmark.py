@@ -444,12 +444,6 @@ def _no_winograd():
     return _patched(winograd, 'MIN_PIXELS', float('inf'))
 
 
-def _no_recycle():
-    from poolformer_seg.models.decode_heads import fast_fpn_head
-    return _patched(fast_fpn_head.RecycledOutput, 'take',
-                    lambda self, like, shape: None)
-
-
 @contextlib.contextmanager
 def _patched(owner, name, value):
     old = getattr(owner, name)
@@ -463,9 +457,6 @@ def _patched(owner, name, value):
 ABLATIONS = {
     # Winograd F(4x4, 3x3) for the large 3x3 convolutions of neck and head
     'winograd': _no_winograd,
-    # FastFPNHead writes its output and scratch into the memory of the
-    # previous call's once unused (RecycledOutput)
-    'recycle': _no_recycle,
 }
 
 

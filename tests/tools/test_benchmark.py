@@ -111,7 +111,7 @@ def test_ablation_rows_turn_one_optimisation_off_and_report_peak(
                 '--ablations', '--json', str(out)])
     data = json.loads(out.read_text())
     assert [r['model'] for r in data['records']] == [
-        'ours', 'ours-no-winograd', 'ours-no-recycle', 'reference']
+        'ours', 'ours-no-winograd', 'reference']
     assert data['environment']['matmul_peak_gflops']['fp32'] > 0
     for r in data['records']:
         assert r['peak_fraction'] > 0 and r['first_call_s'] > 0

@@ -1,75 +1,18 @@
-"""Semantic FPN's head with a leaner loss and logits resize; same results."""
-import sys
-
+"""Semantic FPN's head with a leaner loss and forward; same results."""
 import torch
 from mmseg.models.decode_heads import FPNHead
 from mmseg.models.losses import CrossEntropyLoss
-from mmseg.models.utils import Upsample, resize
+from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 
-from ...compat import storage_users, upsample_bilinear_into
 from ..losses import resized_cross_entropy
 from ..utils import autocast_off
 from ..winograd import conv_module_forward
 
 
-class RecycledOutput:
-    """The memory of the last output (per dtype and device), handed out
-    again once unused.
-
-    A full-size logits tensor is large (157 MB for 150 classes at 512x512
-    in fp32), and a fresh one is mapped from the kernel page by page on its
-    first write: on CPU those page faults cost about three times the resize
-    itself. When the caller has dropped every reference to the previous
-    output (views included), nothing can observe its memory any more, and
-    the next resize of the same shape writes into it. A buffer is taken out
-    before use, so concurrent callers never share one.
-
-    "No reference" is checked at three levels (the counters are private
-    PyTorch API; ``tests/models/decode_heads`` pins their meaning): the
-    Python object (the caller may hold the very tensor returned), the
-    tensor (autograd may have saved it for a backward) and its memory
-    (views, e.g. one image sliced out of the batch).
-    """
-
-    def __init__(self):
-        self._last = {}  # (dtype, device) -> tensor
-
-    def take(self, like: torch.Tensor, shape) -> torch.Tensor:
-        """A reusable tensor of ``shape`` in ``like``'s dtype, device and
-        memory format, or None."""
-        last = self._last.pop((like.dtype, like.device), None)
-        if last is None or last.shape != shape or \
-                not last.is_contiguous(memory_format=_memory_format(like)):
-            return None
-        if last.is_inference() and not torch.is_inference_mode_enabled():
-            return None  # made under inference_mode: read-only outside it
-        # 2: ``last`` and getrefcount's argument
-        if sys.getrefcount(last) > 2 or storage_users(last) > 1:
-            return None
-        return last
-
-    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._last[(tensor.dtype, tensor.device)] = tensor
-        return tensor
-
-    def clear(self):
-        self._last.clear()
-
-
-def _needs_grad(tensor) -> bool:
-    return torch.is_grad_enabled() and tensor.requires_grad
-
-
-def _memory_format(tensor):
-    channels_last = tensor.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last and \
-        not tensor.is_contiguous() else torch.contiguous_format
-
-
 @MODELS.register_module()
 class FastFPNHead(FPNHead):
-    """``FPNHead`` with a faster loss and logits resize; same function.
+    """``FPNHead`` with a faster loss and forward; same function.
 
     Training: mmseg's ``loss_by_feat`` resizes the ``B x num_classes x H/4
     x W/4`` logits to the label size and runs the cross-entropy and the
@@ -78,22 +21,15 @@ class FastFPNHead(FPNHead):
     resized_cross_entropy`), several times faster on CPU and without the
     full-size buffers.
 
-    Inference: the logits are resized by the same ATen kernel as
-    ``FPNHead``'s, but written into the memory of the previous output when
-    the caller no longer references it (:class:`RecycledOutput`). The head
-    therefore keeps its last output's memory between calls (until
-    ``train()``).
-
     Forward: ``FPNHead``'s, minus three resizes to the same size (copies);
-    when no gradient is needed the scale heads are summed in place, and
-    the head keeps one scratch tensor for their upsampling between calls.
+    when no gradient is needed the scale heads are summed in place.
 
     BatchNorm in eval mode (inference, or frozen statistics) is folded into
     the preceding convolution of each scale head: one pass over those
     activations instead of two, and one bf16 rounding fewer under autocast.
-    At inference on CPU the large 3x3 convolutions run by Winograd's
-    F(4x4, 3x3) (:mod:`~poolformer_seg.models.winograd`). BatchNorm in
-    training mode runs as it is.
+    On CPU the large 3x3 convolutions run by Winograd's F(4x4, 3x3)
+    (:mod:`~poolformer_seg.models.winograd`). BatchNorm in training mode
+    runs as it is, after the convolution.
 
     Mixed precision: under autocast the classifier ``conv_seg`` runs in
     fp32, so the logits (and the loss computed from them) are fp32.
@@ -115,8 +51,6 @@ class FastFPNHead(FPNHead):
                 f'mean reduction, computed as FPNHead does; these settings '
                 f'would give another result: '
                 f'{", ".join(unsupported)}. Use type="FPNHead" for them')
-        self._output = RecycledOutput()
-        self._scratch = RecycledOutput()  # see forward
 
     def _unsupported_options(self):
         """The head and loss settings the blockwise loss does not compute
@@ -139,33 +73,19 @@ class FastFPNHead(FPNHead):
     def forward(self, inputs):
         """``FPNHead.forward`` without its no-op resizes: each scale head
         already upsamples to the size of the first, and a bilinear resize to
-        the same size only copies.
-
-        When no gradient needs the summands, the sum is taken in place, and
-        each scale head's final 2x upsampling writes into one scratch
-        tensor, kept between calls (:meth:`_scale_head_into`): at
-        1024x2048 these are three 64 MB temporaries per call otherwise,
-        each paid for again in page faults."""
+        the same size only copies. When no gradient needs the summands, the
+        sum is taken in place."""
         x = self._transform_inputs(inputs)
-        output = self._scale_head_into(self.scale_heads[0], x[0], None)
+        output = self._scale_head(self.scale_heads[0], x[0])
         # any summand may need a gradient (a frozen first scale head, a
         # trainable later one): then nothing is written in place
-        if torch.is_grad_enabled() and (
-                any(t.requires_grad for t in x) or
-                any(p.requires_grad for p in self.scale_heads.parameters())):
-            for scale_head, feature in zip(self.scale_heads[1:], x[1:]):
-                head = self._scale_head_into(scale_head, feature, None)
-                output = output + self._to_size(head, output)
-            return self.cls_seg(output)
-        scratch = self._scratch.take(output, output.shape)
+        in_place = not (torch.is_grad_enabled() and (
+            any(t.requires_grad for t in x) or
+            any(p.requires_grad for p in self.scale_heads.parameters())))
         for scale_head, feature in zip(self.scale_heads[1:], x[1:]):
-            head = self._scale_head_into(scale_head, feature, scratch)
-            output.add_(self._to_size(head, output))
-            if head.shape == output.shape and head.dtype == output.dtype:
-                scratch = head
-            del head  # so that ``scratch`` is the only reference left
-        if scratch is not None:
-            self._scratch.keep(scratch)
+            head = self._to_size(self._scale_head(scale_head, feature),
+                                 output)
+            output = output.add_(head) if in_place else output + head
         return self.cls_seg(output)
 
     def _to_size(self, head, output):
@@ -175,28 +95,13 @@ class FastFPNHead(FPNHead):
                       align_corners=self.align_corners)
 
     @staticmethod
-    def _scale_head_into(scale_head, feature, out):
+    def _scale_head(scale_head, feature):
         """``scale_head(feature)``, its convolutions run by
         :func:`~poolformer_seg.models.winograd.conv_module_forward` (eval
-        BatchNorm folded, Winograd where it pays), and its final
-        :class:`Upsample` written into ``out`` when that has the result's
-        shape, dtype and memory format (the same ATen op as ``Upsample``
-        calls)."""
-        *body, last = scale_head
-        if not isinstance(last, Upsample):
-            body, last = scale_head, None
-        for module in body:
+        BatchNorm folded, Winograd where it pays)."""
+        for module in scale_head:  # ConvModules and Upsamples
             feature = conv_module_forward(module, feature)
-        if last is None:
-            return feature
-        if out is None or last.size or last.mode != 'bilinear':
-            return last(feature)
-        size = [int(t * last.scale_factor) for t in feature.shape[-2:]]
-        if out.shape != feature.shape[:2] + tuple(size) or \
-                out.dtype != feature.dtype or not out.is_contiguous(
-                    memory_format=_memory_format(feature)):
-            return last(feature)
-        return upsample_bilinear_into(feature, size, last.align_corners, out)
+        return feature
 
     def cls_seg(self, feat):
         """The classifier, in fp32 even under autocast: bf16 keeps 8 bits
@@ -217,25 +122,3 @@ class FastFPNHead(FPNHead):
         return {self.loss_decode.loss_name: self.loss_decode.loss_weight *
                 loss, 'acc_seg': acc}
 
-    def predict_by_feat(self, seg_logits, batch_img_metas):
-        meta = batch_img_metas[0]
-        # the output size as FPNHead chooses it
-        if isinstance(meta['img_shape'], torch.Size):  # slide inference
-            size = tuple(meta['img_shape'])
-        else:
-            size = tuple(meta.get('pad_shape', meta['img_shape'])[:2])
-        out = None if _needs_grad(seg_logits) else self._output.take(
-            seg_logits, seg_logits.shape[:2] + size)
-        if out is None:
-            out = resize(seg_logits, size=size, mode='bilinear',
-                         align_corners=self.align_corners)
-        else:  # the op F.interpolate(size=...) runs, into the given output
-            upsample_bilinear_into(seg_logits, size, self.align_corners, out)
-        # a differentiable output is never kept: it holds its autograd graph
-        return out if out.requires_grad else self._output.keep(out)
-
-    def train(self, mode: bool = True):
-        if mode:
-            self._output.clear()
-            self._scratch.clear()
-        return super().train(mode)
