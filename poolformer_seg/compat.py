@@ -59,7 +59,7 @@ from _poolformer_seg_mmcv_lite import (MissingMmcvOpError, UnavailableOp,
 __all__ = ['apply', 'full_mmcv_available', 'MissingMmcvOpError',
            'UnavailableOp', 'register_load_state_dict_pre_hook',
            'torch_safe_globals', 'numpy_core', 'onednn_linear',
-           'upsample_bilinear_into', 'storage_users', 'autocast_dtype',
+           'upsample_bilinear_into', 'storage_users', 'is_compiling', 'autocast_dtype',
            'runner_resume', 'set_runner_load_from', 'built_train_loop',
            'built_eval_loop',
            'train_dataloader_cfg', 'diff_rank_seed',
@@ -235,6 +235,20 @@ def upsample_bilinear_into(x, size, align_corners: bool, out):
     import torch.nn.functional as F
     return out.copy_(F.interpolate(x, size=list(size), mode='bilinear',
                                    align_corners=align_corners))
+
+
+def is_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the code that asks.
+
+    ``torch.compiler.is_compiling`` from torch 2.3, before that
+    ``torch._dynamo.is_compiling`` (torch 2.1, 2.2).
+    """
+    compiler = getattr(torch, 'compiler', None)
+    public = getattr(compiler, 'is_compiling', None)
+    if public is not None:
+        return public()
+    from torch import _dynamo
+    return _dynamo.is_compiling()
 
 
 def storage_users(tensor: torch.Tensor) -> int:
