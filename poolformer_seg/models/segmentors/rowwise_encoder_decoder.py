@@ -27,8 +27,8 @@ from mmseg.models.segmentors import EncoderDecoder, SegTTAModel
 from mmseg.registry import MODELS
 
 __all__ = ['RowwiseEncoderDecoder', 'FullLogitsSegTTAModel', 'resized_argmax',
-           'source_positions', 'IMPLS', 'PLAIN_TYPES', 'COMPILE_CHOICES',
-           'check_compile_setting', 'compile_decision']
+           'source_positions', 'IMPLS', 'PLAIN_TYPES', 'check_compile_setting',
+           'compile_decision']
 
 IMPLS = ('fast', 'plain')
 # What ``impl='plain'`` builds in place of our fast modules: mmseg's own
@@ -36,12 +36,9 @@ IMPLS = ('fast', 'plain')
 PLAIN_TYPES = {'FastFPN': 'FPN', 'FastFPNHead': 'FPNHead'}
 
 
-COMPILE_CHOICES = ('auto', True, False)
-
-
 def check_compile_setting(value):
-    """``value`` if it is one of :data:`COMPILE_CHOICES`, else ValueError
-    naming ``model.test_cfg.compile``."""
+    """``value`` if it is ``'auto'``, True or False (not 1 or ``'true'``),
+    else ValueError naming ``model.test_cfg.compile``."""
     if value is True or value is False or value == 'auto':
         return value
     raise ValueError(f'model.test_cfg.compile={value!r} is not known; '
