@@ -16,7 +16,8 @@ Mistakes that MMEngine accepts silently or reports far from their cause:
   ``'fast'``/``'plain'``, or on a segmentor type without the switch (mmseg's
   ``EncoderDecoder``): a ``TypeError`` from deep inside the build;
 * ``model.test_cfg.compile`` other than ``'auto'``, True or False (a
-  misspelt ``'ture'`` would otherwise only fail at the first inference).
+  misspelt ``'ture'`` would otherwise only fail at the build), or True on
+  a segmentor type that does not read it (mmseg's ``EncoderDecoder``).
 
 Each raises :class:`ConfigError` naming the file or key and the fix.
 """
@@ -300,11 +301,14 @@ def check_compile_setting(cfg: Config) -> None:
         rowwise_encoder_decoder.check_compile_setting(test_cfg['compile'])
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    # True asks for compiling; 'auto' (inherited from our base configs) and
+    # False are what a segmentor without the setting does anyway
     kind = model.get('type')
     model_cls = MODELS.get(kind) if isinstance(kind, str) else kind
-    if isinstance(model_cls, type) and not issubclass(
-            model_cls, rowwise_encoder_decoder.RowwiseEncoderDecoder):
+    if test_cfg['compile'] is True and isinstance(model_cls, type) and \
+            not issubclass(model_cls,
+                           rowwise_encoder_decoder.RowwiseEncoderDecoder):
         raise ConfigError(
-            f'model.test_cfg.compile is set but model.type={kind!r} does '
+            f'model.test_cfg.compile=True but model.type={kind!r} does '
             "not read it (it would do nothing). Set model.type="
             "'RowwiseEncoderDecoder', or remove model.test_cfg.compile")
