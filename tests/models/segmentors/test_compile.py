@@ -284,3 +284,22 @@ def test_compiled_path_has_no_graph_break_and_one_graph(impl, dynamo_only):
             model.test_step(batch_of(height, width))
     assert compiled_frames() == 1
     assert not counters['graph_break']
+
+
+def test_tools_option_gives_a_bool():
+    """``--cfg-options model.test_cfg.compile=False`` (tools/test.py,
+    tools/inference.py) reaches the model as the bool False."""
+    import argparse
+
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    for text, value in (('False', False), ('True', True), ('auto', 'auto')):
+        options = parser.parse_args(
+            ['--cfg-options', f'model.test_cfg.compile={text}']).cfg_options
+        cfg = tiny_config()
+        cfg.merge_from_dict(options)
+        config_check.check_compile_setting(cfg)
+        setting = tiny_model(compile=cfg.model.test_cfg.compile
+                             ).compile_setting
+        assert setting == value and type(setting) is type(value)
