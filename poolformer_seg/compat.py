@@ -59,7 +59,7 @@ from _poolformer_seg_mmcv_lite import (MissingMmcvOpError, UnavailableOp,
 __all__ = ['apply', 'full_mmcv_available', 'MissingMmcvOpError',
            'UnavailableOp', 'register_load_state_dict_pre_hook',
            'torch_safe_globals', 'numpy_core', 'onednn_linear',
-           'autocast_dtype',
+           'is_compiling', 'autocast_dtype',
            'runner_resume', 'set_runner_load_from', 'built_train_loop',
            'built_eval_loop',
            'train_dataloader_cfg', 'diff_rank_seed',
@@ -215,6 +215,20 @@ def onednn_linear(x, weight, bias, gelu: bool):
             (x.dtype == torch.bfloat16 and not supported()):
         return None
     return op(x, weight, bias, 'gelu' if gelu else 'none', [], 'none')
+
+
+def is_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the code that asks.
+
+    ``torch.compiler.is_compiling`` from torch 2.3, before that
+    ``torch._dynamo.is_compiling`` (torch 2.1, 2.2).
+    """
+    compiler = getattr(torch, 'compiler', None)
+    public = getattr(compiler, 'is_compiling', None)
+    if public is not None:
+        return public()
+    from torch import _dynamo
+    return _dynamo.is_compiling()
 
 
 # MMEngine's Runner keeps its ``resume``/``load_from`` arguments, the train

@@ -223,3 +223,22 @@ def test_mmengine_load_state_dict_is_strict_only_for_our_models():
     with pytest.raises(CheckpointMismatchError,
                        match=r'missing \(1\): backbone\.stem\.proj\.bias'):
         mm_checkpoint.load_state_dict(ours, state)
+
+
+@pytest.mark.parametrize('public', [True, False])
+def test_is_compiling_inside_and_outside_compile(monkeypatch, public):
+    """True while dynamo traces the caller, False in eager code; the same
+    through torch 2.1's ``torch._dynamo.is_compiling`` fallback."""
+    if not public:  # a torch without torch.compiler, as seen by compat
+        import types
+        monkeypatch.setattr(compat, 'torch', types.SimpleNamespace())
+    torch._dynamo.reset()
+
+    def probe(x):
+        return x + 1 if compat.is_compiling() else x - 1
+    assert not compat.is_compiling()
+    x = torch.zeros(2)
+    assert torch.equal(probe(x), x - 1)
+    compiled = torch.compile(probe, backend='eager')
+    assert torch.equal(compiled(x), x + 1)
+    torch._dynamo.reset()

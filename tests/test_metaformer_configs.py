@@ -116,7 +116,7 @@ def test_upernet_configs_follow_mmseg_convnext_recipe(name):
     assert (aux.type, aux.in_channels, aux.in_index,
             aux.loss_decode.loss_weight) == ('FCNHead', dims[2], 2, .4)
     assert cfg.model.test_cfg == dict(mode='slide', crop_size=(512, 512),
-                                      stride=(341, 341))
+                                      stride=(341, 341), compile='auto')
     assert cfg.optim_wrapper == dict(
         type='AmpOnCudaOptimWrapper',
         optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999),

@@ -104,8 +104,20 @@ def build_segmentor(config, cfg_options: Optional[dict] = None
 def init_model(config, checkpoint: Optional[str] = None,
                device: Optional[str] = None,
                cfg_options: Optional[dict] = None,
-               allow_partial: bool = False) -> torch.nn.Module:
-    """Build the segmentor of ``config`` in eval mode and load its weights.
+               allow_partial: bool = False,
+               compile=None) -> torch.nn.Module:
+    """Build the segmentor of ``config`` in eval mode, in its fastest form
+    for repeated inference, and load its weights.
+
+    The model is called as mmseg's are (``model(inputs, mode='tensor')``,
+    ``model.test_step(batch)``, ``mmseg.apis.inference_model``). The
+    configs build the fast path (``model.impl='fast'``) and say whether
+    inference runs through ``torch.compile``: ``model.test_cfg.compile``,
+    ``'auto'`` by default, which compiles on CUDA and never on CPU. A
+    compiled model pays the compilation (a minute or more) at its first
+    image; one graph then serves every image size. A caller with one image
+    (or a few) skips it with ``compile=False``; ``compile=True`` compiles
+    on CPU too (there it costs minutes and gains at most ~7%).
 
     Args:
         config (str | Path | Config): config file or object.
@@ -118,11 +130,17 @@ def init_model(config, checkpoint: Optional[str] = None,
         cfg_options (dict, optional): ``Config.merge_from_dict`` overrides.
         allow_partial (bool): load a checkpoint that lacks some weights, with
             a warning, instead of raising ``CheckpointMismatchError``.
+        compile (bool | str, optional): overrides
+            ``model.test_cfg.compile`` (``'auto'``, True, False); None keeps
+            the config's.
 
     Returns:
         The segmentor, with ``.cfg`` (the config) and ``.dataset_meta``
         (``classes`` and RGB ``palette``) set.
     """
+    if compile is not None:
+        cfg_options = {**(cfg_options or {}),
+                       'model.test_cfg.compile': compile}
     model = build_segmentor(config, cfg_options)
     loaded = None
     if checkpoint is None:

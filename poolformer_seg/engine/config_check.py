@@ -14,7 +14,10 @@ Mistakes that MMEngine accepts silently or reports far from their cause:
 * ``model.impl`` (``--cfg-options model.impl=plain``, the switch between the
   fast path and upstream mmseg's computation) with a value other than
   ``'fast'``/``'plain'``, or on a segmentor type without the switch (mmseg's
-  ``EncoderDecoder``): a ``TypeError`` from deep inside the build.
+  ``EncoderDecoder``): a ``TypeError`` from deep inside the build;
+* ``model.test_cfg.compile`` other than ``'auto'``, True or False (a
+  misspelt ``'ture'`` would otherwise only fail at the build), or True on
+  a segmentor type that does not read it (mmseg's ``EncoderDecoder``).
 
 Each raises :class:`ConfigError` naming the file or key and the fix.
 """
@@ -140,6 +143,7 @@ def check_config(cfg: Config, source: Optional[str] = None) -> None:
     check_num_classes(cfg)
     check_neck_channels(cfg)
     check_model_impl(cfg)
+    check_compile_setting(cfg)
 
 
 def check_top_level_keys(cfg: Config, source: Optional[str] = None) -> None:
@@ -282,3 +286,29 @@ def check_model_impl(cfg: Config) -> None:
             'layers and weights, with the switch), or remove model.impl '
             '(inherited from a _base_ model: redefine model with '
             '_delete_=True)')
+
+
+def check_compile_setting(cfg: Config) -> None:
+    """``model.test_cfg.compile``: ``'auto'``, True or False."""
+    from mmseg.registry import MODELS
+
+    from poolformer_seg.models.segmentors import rowwise_encoder_decoder
+    model = cfg.get('model') or {}
+    test_cfg = model.get('test_cfg') or {}
+    if 'compile' not in test_cfg:
+        return
+    try:
+        rowwise_encoder_decoder.check_compile_setting(test_cfg['compile'])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    # True asks for compiling; 'auto' (inherited from our base configs) and
+    # False are what a segmentor without the setting does anyway
+    kind = model.get('type')
+    model_cls = MODELS.get(kind) if isinstance(kind, str) else kind
+    if test_cfg['compile'] is True and isinstance(model_cls, type) and \
+            not issubclass(model_cls,
+                           rowwise_encoder_decoder.RowwiseEncoderDecoder):
+        raise ConfigError(
+            f'model.test_cfg.compile=True but model.type={kind!r} does '
+            "not read it (it would do nothing). Set model.type="
+            "'RowwiseEncoderDecoder', or remove model.test_cfg.compile")

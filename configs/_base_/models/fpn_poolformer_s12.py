@@ -66,4 +66,6 @@ model = dict(
         loss_decode=dict(
             type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
     train_cfg=dict(),
-    test_cfg=dict(mode='whole'))
+    # compile='auto': torch.compile inference on CUDA only (on CPU it costs
+    # minutes per model and gains <= 7%; docs/inference.md)
+    test_cfg=dict(mode='whole', compile='auto'))

@@ -49,4 +49,7 @@ model = dict(
         loss_decode=dict(
             type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
     train_cfg=dict(),
-    test_cfg=dict(mode='slide', crop_size=(512, 512), stride=(341, 341)))
+    # compile='auto': torch.compile inference on CUDA only (on CPU it costs
+    # minutes per model and gains <= 7%; docs/inference.md)
+    test_cfg=dict(mode='slide', crop_size=(512, 512), stride=(341, 341),
+                  compile='auto'))

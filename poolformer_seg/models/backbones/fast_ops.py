@@ -45,7 +45,7 @@ bias and GELU run inside oneDNN's product, :func:`_linear`).
 import torch
 import torch.nn.functional as F
 
-from ...compat import autocast_dtype, onednn_linear
+from ...compat import autocast_dtype, is_compiling, onednn_linear
 from ..utils import autocast_off
 
 __all__ = ['fused_block']
@@ -79,8 +79,12 @@ def _mixer_coef(x, coef, rstd1):
 
 def _mix(x, c, pool_size):
     """The token-mixer half, ``x1 = lerp(x, P(x), c)``, written into the
-    pooling's buffer."""
+    pooling's buffer (compiled: a new tensor, as the compiler fuses the
+    pooling and the blend anyway, and dynamo refuses ``out=`` in
+    ``channels_last``)."""
     pooled = _pool(x, pool_size)
+    if is_compiling():
+        return torch.lerp(x, pooled, c)
     return torch.lerp(x, pooled, c, out=pooled)
 
 

@@ -151,6 +151,8 @@ def _check_inputs(logits, labels, ignore_index):
                          f'{tuple(logits.shape)} and {tuple(labels.shape)}')
     if labels.dtype != torch.long:
         raise TypeError(f'labels must be int64, got {labels.dtype}')
+    if labels.device.type == 'meta':  # shapes only: no values to check
+        return
     labelled = labels[labels != ignore_index]
     if labelled.numel() and (labelled.min() < 0 or
                              labelled.max() >= logits.shape[1]):
@@ -192,7 +194,9 @@ def resized_cross_entropy(
     valid = labels != ignore_index
     total, correct = _ResizedCrossEntropy.apply(
         logits, labels.masked_fill(~valid, 0), valid, align_corners)
-    num_valid = int(valid.sum())
+    # a tensor, not a Python number: no wait for the device (and none to
+    # wait for on ``meta``)
+    num_valid = valid.sum().to(total.dtype)
     loss = total / ((num_valid if avg_non_ignore else labels.numel()) + _EPS)
     acc = (correct.float() + _EPS) * (100. / (num_valid + _EPS))
     return loss, acc.reshape(1)
