@@ -73,9 +73,9 @@ def _traced_logits(model, inputs):
     """:func:`_logits` as the compiler traces it: a fast neck or head runs
     the forward of the mmseg class it derives from (``FPN``, ``FPNHead``:
     same layers and weights). Their CPU tricks -- in-place sums guarded by
-    storage checks, output buffers recycled by reference counts, Winograd
-    convolutions chosen by size -- are graph breaks or size guards to
-    dynamo, and the compiler fuses the plain graph itself."""
+    storage checks, Winograd convolutions chosen by size -- are graph
+    breaks or size guards to dynamo, and the compiler fuses the plain graph
+    itself."""
     x = model.backbone(inputs)
     if model.with_neck:
         neck = model.neck
