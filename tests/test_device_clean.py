@@ -110,3 +110,51 @@ def test_fast_and_plain_give_the_same_float64_logits(name):
     scale = want.abs().max()
     assert scale > 0.1
     assert (got - want).abs().max() <= 1e-10 * scale
+
+
+def test_fast_equals_plain_in_float64_where_winograd_runs(monkeypatch):
+    """At 258 x 290 the stride-4 maps are 65 x 73, above Winograd's
+    threshold: the fast S12 segmentor (Winograd in neck and head, fused
+    blocks, eval BN folded; in training, Winograd's backward and the
+    blockwise loss) gives the plain segmentor's logits, loss and every
+    gradient in float64."""
+    from poolformer_seg.models import winograd
+    calls = []
+    real = winograd.winograd_conv3x3
+    monkeypatch.setattr(winograd, 'winograd_conv3x3',
+                        lambda *args: calls.append(1) or real(*args))
+    size = (258, 290)
+    plain = build('fpn_poolformer_s12_ade20k', 'plain')
+    fast = build('fpn_poolformer_s12_ade20k')
+    with torch.no_grad():
+        randomize_(plain, 0)
+    fast.load_state_dict(plain.state_dict(), strict=True)
+    plain.double(), fast.double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, *size, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        want = plain.eval()(x, mode='tensor')
+        got = fast.eval()(x, mode='tensor')
+    assert calls  # Winograd ran
+    assert (got - want).abs().max() <= 1e-10 * want.abs().max()
+
+    sample = SegDataSample(metainfo=dict(img_shape=size, pad_shape=size))
+    sample.gt_sem_seg = PixelData(data=torch.randint(
+        0, 150, (1, *size), generator=gen))
+    results = []
+    for model in (plain, fast):
+        model.train()
+        torch.manual_seed(1)  # the head's dropout draws the same mask
+        loss = model.loss(x, [sample])['decode.loss_ce']
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters()
+                               if p.requires_grad}))
+    (want_loss, want_grads), (got_loss, got_grads) = results
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-10, atol=0)
+    assert got_grads.keys() == want_grads.keys()
+    # one absolute scale: norm1's bias has an exactly zero gradient (the
+    # pooling difference cancels it), which plain autograd rounds to ~1e-17
+    scale = max(g.abs().max().item() for g in want_grads.values())
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-8,
+                                   atol=1e-10 * scale, msg=name)
