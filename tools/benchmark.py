@@ -524,8 +524,10 @@ def peak_fraction(rec, peak_gflops, flops, models):
     fraction above 1 is possible."""
     from poolformer_seg.apis.complexity import count_flops
     size = tuple(rec['size'])
+    model = models.get('reference')
+    if model is None:  # nothing plain to count on (--no-reference)
+        return None
     if size not in flops:
-        model = models.get('reference', models['ours'])
         training = model.training
         flops[size] = count_flops(model.eval(), size)[0]['total']
         model.train(training)

@@ -12,6 +12,11 @@ reported as ``uncounted``.
 The forward pass measured is ``EncoderDecoder(mode='tensor')``: image ->
 logits at 1/4 resolution. The final upsampling of the logits to the image
 size (in post-processing) is not included.
+
+FLOPs are those of the function, counted on its plain computation
+(``model.impl='plain'``): the fast path's fused blocks are custom autograd
+functions the tracer cannot look into, and its Winograd convolutions do
+fewer multiplications than the convolution they compute.
 """
 from collections import Counter
 from typing import Dict, Sequence
@@ -58,6 +63,11 @@ def count_flops(model: torch.nn.Module, input_shape: Sequence[int]):
     """
     if len(input_shape) != 2 or min(input_shape) < 1:
         raise ValueError(f'input_shape must be (H, W), got {input_shape}')
+    if getattr(model, 'impl', 'plain') != 'plain':
+        raise ValueError(
+            f'count_flops counts the plain computation: build the model with '
+            f"model.impl='plain' (got impl={model.impl!r}; the same weights "
+            f'and function, computed module by module)')
     param = next(model.parameters())
     image = torch.zeros(1, 3, *input_shape, dtype=param.dtype,
                         device=param.device)

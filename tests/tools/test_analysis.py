@@ -88,7 +88,7 @@ def test_get_flops_tool_on_s12(load_tool, tmp_path, capsys):
     # 1/4-resolution maps (4 FLOPs per output element), which the tracer
     # files under the segmentor
     assert flops['other'] == 3 * 4 * 128 * (64 // 4) * (96 // 4)
-    model = build_segmentor(config_of('s12'))
+    model = build_segmentor(config_of('s12'), {'model.impl': 'plain'})
     assert flops['backbone'] == analytic_backbone_flops(model.backbone,
                                                         (64, 96))
     # every counted op is per pixel: twice the side, four times the FLOPs

@@ -7,7 +7,8 @@
 FLOPs are counted by MMEngine's FlopAnalyzer for one 3 x H x W image
 (default 512 x 512) from the image to the 1/4-resolution logits, with one
 multiply-add counted as one FLOP (the convention of mmpretrain/mmseg model
-zoos). Element-wise ops without a formula (PoolFormer's pooling mixer, GELU,
+zoos), on the plain computation of the model (``model.impl='plain'``: the
+same function and parameters). Element-wise ops without a formula (PoolFormer's pooling mixer, GELU,
 residual additions) are not counted and are listed. See
 poolformer_seg/apis/complexity.py and docs/model_zoo.md.
 """
@@ -15,7 +16,7 @@ import argparse
 import json
 
 import poolformer_seg  # noqa: F401  (must precede mmseg imports)
-from mmengine.config import DictAction
+from mmengine.config import Config, DictAction
 
 from poolformer_seg.apis.complexity import count_flops, count_parameters
 from poolformer_seg.apis.inference import build_segmentor
@@ -64,7 +65,13 @@ def format_table(params: dict, flops: dict = None) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    model = build_segmentor(args.config, args.cfg_options)
+    options = dict(args.cfg_options or {})
+    if not args.params_only and \
+            'impl' in Config.fromfile(args.config).get('model', {}):
+        # FLOPs of the function, counted on its plain computation (the
+        # same parameters; see poolformer_seg/apis/complexity.py)
+        options['model.impl'] = 'plain'
+    model = build_segmentor(args.config, options)
     params = count_parameters(model)
     result = dict(config=args.config, params=params)
     flops = uncounted = None
