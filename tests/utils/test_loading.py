@@ -25,7 +25,10 @@ from tests.helpers.logs import captured_mmengine_log
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / 'configs' / '_base_' / 'models' / 'fpn_poolformer_s12.py'
-TOL = dict(atol=1e-5, rtol=1e-5)
+# The criterion for fp32 logits: the fast path's Winograd convolutions
+# round ~2e-5 away from a direct convolution (float64 agreement is tested in
+# tests/models/test_winograd.py); a wrong key would move logits by O(1)
+TOL = dict(atol=1e-4, rtol=1e-5)
 SIZES = {'512x512': (512, 512), '250x330': (250, 330)}  # 250, 330: not /32
 N_BACKBONE = 136  # S12 tensors: stem 2, downsampling 6, blocks 120, norms 8
 CONVERTED = re.compile(rf"converted {N_BACKBONE} backbone keys under "
