@@ -122,6 +122,15 @@ def _run_tool(script, *args, timeout=1800, env=None, check=True,
     return proc
 
 
+@pytest.fixture
+def winograd_on(monkeypatch):
+    """Winograd runs where its other conditions hold, whatever this CPU's
+    instruction set (it is chosen per CPU: ``winograd.FASTER_ON``), so
+    that its tests exercise it on every machine."""
+    from poolformer_seg.models import winograd
+    monkeypatch.setattr(winograd, 'ON_THIS_CPU', True)
+
+
 @pytest.fixture(scope='session')
 def run_tool():
     return _run_tool

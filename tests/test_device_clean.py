@@ -112,7 +112,8 @@ def test_fast_and_plain_give_the_same_float64_logits(name):
     assert (got - want).abs().max() <= 1e-10 * scale
 
 
-def test_fast_equals_plain_in_float64_where_winograd_runs(monkeypatch):
+def test_fast_equals_plain_in_float64_where_winograd_runs(monkeypatch,
+                                                         winograd_on):
     """At 258 x 290 the stride-4 maps are 65 x 73, above Winograd's
     threshold: the fast S12 segmentor (Winograd in neck and head, fused
     blocks, eval BN folded; in training, Winograd's backward and the

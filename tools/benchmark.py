@@ -13,8 +13,9 @@ them) over MMPretrain 1.2.0's PoolFormer source
 and through ``torch.compile`` (row ``reference+compile``, the one-line
 alternative a user has; its compilation is the "first call" column). With
 ``--ablations``, rows ``ours-no-<name>`` run ours with one hand-written
-optimisation turned off (:data:`ABLATIONS`): each must beat its row by
-more than the spread of the repeats, or go. For every mode, input
+optimisation turned off (:data:`ABLATIONS`; ``ours+<name>`` turns on one
+that this machine's CPU leaves off): each must beat its row by more than
+the spread of the repeats where it is on, or go. For every mode, input
 size and batch size the variants (model x dtype) are timed in turns, so that
 background load hits all of them alike, and medians are reported, with
 each row's nominal FLOP rate as a fraction of the measured matrix-product
@@ -108,7 +109,8 @@ def parse_args(argv=None):
     p.add_argument('--ablations', action=argparse.BooleanOptionalAction,
                    default=False,
                    help='also run ours with each hand-written optimisation '
-                   'turned off (rows "ours-no-<name>", see ABLATIONS)')
+                   'flipped (rows "ours-no-<name>" or "ours+<name>", see '
+                   'ABLATIONS)')
     p.add_argument('--peak', action=argparse.BooleanOptionalAction,
                    default=True,
                    help='measure the matrix-product peak and the nominal '
@@ -439,9 +441,9 @@ def measure_memory(spec, args, argv):
 # Main loop
 
 
-def _no_winograd():
+def _winograd_switch():
     from poolformer_seg.models import winograd
-    return _patched(winograd, 'MIN_PIXELS', float('inf'))
+    return winograd, 'ON_THIS_CPU'
 
 
 @contextlib.contextmanager
@@ -455,15 +457,28 @@ def _patched(owner, name, value):
 
 
 ABLATIONS = {
-    # Winograd F(4x4, 3x3) for the large 3x3 convolutions of neck and head
-    'winograd': _no_winograd,
+    # Winograd F(4x4, 3x3) for the large 3x3 convolutions of neck and head,
+    # on where this CPU's instruction set is one of winograd.FASTER_ON
+    'winograd': _winograd_switch,
 }
+
+
+def ablation_rows():
+    """``{row name: (owner, attribute)}``: each row runs ours with one
+    boolean decision of :data:`ABLATIONS` flipped, ``ours-no-<name>``
+    where it is on on this machine, ``ours+<name>`` where it is off."""
+    rows = {}
+    for name, switch in ABLATIONS.items():
+        owner, attribute = switch()
+        sign = '-no-' if getattr(owner, attribute) else '+'
+        rows[f'ours{sign}{name}'] = (owner, attribute)
+    return rows
 
 
 def variants(args):
     names = ['ours']
     if args.ablations:
-        names += [f'ours-no-{name}' for name in ABLATIONS]
+        names += list(ablation_rows())
     if args.reference:
         names.append('reference')
         if args.compiled_reference:
@@ -481,12 +496,14 @@ def variant_step(models, name, mode, dtype, images, samples, device):
     their patch, ``+compile`` through ``torch.compile``."""
     step = make_step(models[base_model(name)], mode, dtype, images, samples,
                      device, compiled=name.endswith('+compile'))
-    if not name.startswith('ours-no-'):
+    switch = ablation_rows().get(name)
+    if switch is None:
         return step
-    ablation = ABLATIONS[name[len('ours-no-'):]]
+    owner, attribute = switch
+    flipped = not getattr(owner, attribute)
 
     def ablated():
-        with ablation():
+        with _patched(owner, attribute, flipped):
             return step()
     return ablated
 

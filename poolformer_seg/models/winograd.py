@@ -18,12 +18,13 @@ the fp32 results differ from a direct convolution by a few ulps more than
 two direct algorithms differ from each other (tests: within 1e-4 of
 float64, and equal to 1e-10 when run in float64).
 
-It is used where it is faster than PyTorch's own CPU kernel (oneDNN's
-direct convolution on CPUs without Winograd support): on CPU, in
-fp32/fp64 without autocast, channels_last inputs of at least
-:data:`MIN_PIXELS` pixels (below that the transforms cost more than the
-products they save), at inference and in training (:class:`_Conv3x3`'s
-backward is Winograd too). ``tools/benchmark.py`` has rows with it off.
+It is used where it was measured faster than PyTorch's own CPU kernel,
+oneDNN's direct convolution: on CPUs whose instruction set is one of
+:data:`FASTER_ON` (see there), in fp32/fp64 without autocast,
+channels_last inputs of at least :data:`MIN_PIXELS` pixels (below that
+the transforms cost more than the products they save), at inference and
+in training (:class:`_Conv3x3`'s backward is Winograd too).
+``tools/benchmark.py --ablations`` has a row with the decision flipped.
 GPU libraries choose Winograd themselves where it pays, so CUDA tensors go
 to ``F.conv2d``.
 """
@@ -57,9 +58,22 @@ _AT = ((1, 1, 1, 1, 1, 0),
 TILE = 4  # outputs per tile side
 
 MIN_PIXELS = 64 * 64
-"""Smallest ``H * W`` at which the transform overhead is repaid (measured:
-1.6-1.8x faster than oneDNN at 64x64 and 128x128 maps with 128-256
-channels, on par at 37x37)."""
+"""Smallest ``H * W`` at which the transform overhead is repaid (measured
+with AVX2: 1.6-1.8x faster than oneDNN at 64x64 and 128x128 maps with
+128-256 channels, on par at 37x37)."""
+
+FASTER_ON = ('AVX2',)
+"""The CPU capabilities (``torch.backends.cpu.get_cpu_capability()``) on
+which Winograd beats oneDNN. Measured on 2 cores, fp32, 3x3 convolutions
+of 128-256 channels at 64x64-128x128: with AVX2, oneDNN's direct
+convolution is 1.6-1.8x slower than Winograd (S12 training step 1.68x
+faster with it); with AVX-512, oneDNN's runs near the FMA peak (about
+220 GFLOP/s) and Winograd, bound by the memory traffic of its transforms,
+is 0.5-0.95x its speed. Other instruction sets are unmeasured and keep
+oneDNN."""
+
+ON_THIS_CPU = torch.backends.cpu.get_cpu_capability() in FASTER_ON
+"""Whether this process's CPU is one of :data:`FASTER_ON`."""
 
 
 def _matrix(rows, like):
@@ -188,7 +202,7 @@ def winograd_applies(conv: nn.Module, x: torch.Tensor) -> bool:
             and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == 'zeros'
-            and x.device.type == 'cpu'
+            and x.device.type == 'cpu' and ON_THIS_CPU
             and x.dtype in (torch.float32, torch.float64)
             and conv.weight.dtype == x.dtype
             and autocast_dtype('cpu') is None

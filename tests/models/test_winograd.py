@@ -63,7 +63,7 @@ def _map(pixels=MIN_PIXELS, width=64, channels=8):
         memory_format=torch.channels_last)
 
 
-def test_applies_only_to_large_cpu_inference_in_full_precision():
+def test_applies_only_to_large_cpu_inference_in_full_precision(winograd_on):
     conv = _conv()
     with torch.no_grad():
         assert winograd_applies(conv, _map())
@@ -95,8 +95,23 @@ def test_runs_on_fake_tensors_without_touching_another_device():
     assert meta.shape == (2, 4, 30, 41) and meta.device.type == 'meta'
 
 
+def test_applies_only_on_the_cpus_where_it_was_measured_faster(monkeypatch):
+    conv, x = _conv(), _map()
+    monkeypatch.setattr(winograd, 'ON_THIS_CPU', False)
+    with torch.no_grad():
+        assert not winograd_applies(conv, x)
+    monkeypatch.setattr(winograd, 'ON_THIS_CPU', True)
+    with torch.no_grad():
+        assert winograd_applies(conv, x)
+
+
+def test_on_this_cpu_follows_the_capability():
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert winograd.ON_THIS_CPU == (capability in winograd.FASTER_ON)
+
+
 @pytest.fixture
-def counted(monkeypatch):
+def counted(monkeypatch, winograd_on):
     """Counts the calls of :func:`winograd_conv3x3`."""
     calls = []
     real = winograd.winograd_conv3x3

@@ -95,15 +95,24 @@ def tiny_config(tmp_path):
     return str(path)
 
 
-def test_ablation_rows_turn_one_optimisation_off_and_report_peak(
-        bench, tmp_path, tiny_config):
+def test_ablation_rows_flip_one_optimisation_and_report_peak(
+        bench, tmp_path, tiny_config, monkeypatch):
     """``--ablations`` adds a row per hand-written optimisation, run inside
-    a patch that turns it off (and restores it); every row reports its
-    fraction of the measured matrix-product peak."""
+    a patch that flips its switch (and restores it): ``ours-no-winograd``
+    where this CPU runs Winograd, ``ours+winograd`` where it does not;
+    every row reports its fraction of the measured matrix-product peak."""
     from poolformer_seg.models import winograd
-    with bench.ABLATIONS['winograd']():
-        assert winograd.MIN_PIXELS == float('inf')
-    assert winograd.MIN_PIXELS == 64 * 64
+    for on, row in ((True, 'ours-no-winograd'), (False, 'ours+winograd')):
+        monkeypatch.setattr(winograd, 'ON_THIS_CPU', on)
+        assert list(bench.ablation_rows()) == [row]
+        seen = []
+        real = bench.make_step
+        monkeypatch.setattr(bench, 'make_step', lambda *a, **k: (
+            lambda: seen.append(winograd.ON_THIS_CPU)))
+        bench.variant_step({'ours': None}, row, 'infer', 'fp32', None, None,
+                           'cpu')()
+        monkeypatch.setattr(bench, 'make_step', real)
+        assert seen == [not on] and winograd.ON_THIS_CPU is on
     out = tmp_path / 'a.json'
     bench.main([tiny_config, '--sizes', '64x64', '--dtype', 'fp32',
                 '--modes', 'infer', '--repeats', '1', '--warmup', '0',
@@ -111,7 +120,7 @@ def test_ablation_rows_turn_one_optimisation_off_and_report_peak(
                 '--ablations', '--json', str(out)])
     data = json.loads(out.read_text())
     assert [r['model'] for r in data['records']] == [
-        'ours', 'ours-no-winograd', 'reference']
+        'ours', 'ours+winograd', 'reference']
     assert data['environment']['matmul_peak_gflops']['fp32'] > 0
     for r in data['records']:
         assert r['peak_fraction'] > 0 and r['first_call_s'] > 0
