@@ -251,8 +251,9 @@ def fused_block(x, norm1, norm2, fc1, fc2, ls1, ls2, pool_size, drop=None):
     if not (torch.is_grad_enabled() and any(
             t.requires_grad for t in (x, coef, *params))):
         named = dict(zip(_PARAMS, params))
+        dtype = _compute_dtype(x)  # the autocast dtype, read before it is off
         with autocast_off(x.device):
-            return _forward(x, coef, _fold(named, _compute_dtype(x)), keep,
-                            pool_size, norm1.eps, norm2.eps)[0]
+            return _forward(x, coef, _fold(named, dtype), keep, pool_size,
+                            norm1.eps, norm2.eps)[0]
     return _Block.apply(x, coef, *params, keep, pool_size, norm1.eps,
                         norm2.eps)

@@ -372,6 +372,21 @@ def test_fused_bf16_autocast_keeps_fp32_residual_and_tracks_fp32():
         assert err < 1.5 * (r.float() - w).norm() / w.norm() + 1e-3
 
 
+def test_fused_bf16_inference_runs_the_training_forward_in_bf16():
+    """Without gradients the fused blocks compute exactly what they compute
+    with them: the matrix products in the autocast dtype, not in fp32."""
+    _, fast = make_pair()
+    x = image(batch=1, size=(64, 64))
+    fast.eval()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.no_grad():
+            inference = fast(x)
+        with_grad = fast(x)
+        assert with_grad[0].grad_fn is not None
+    for a, b in zip(inference, with_grad):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
 def test_fused_bf16_training_step_gives_finite_close_gradients():
     plain, fast = make_pair()
     x = image(batch=2, size=(48, 48))
