@@ -123,6 +123,22 @@ def _run_tool(script, *args, timeout=1800, env=None, check=True,
 
 
 @pytest.fixture
+def narrow_s12_config(tmp_path):
+    """The S12 config with one block per stage and a narrow backbone, neck
+    and head: the same code paths, quick to run and to compile."""
+    path = tmp_path / 'narrow_s12.py'
+    path.write_text(
+        f"_base_ = {S12_CONFIG!r}\n"
+        "model = dict(\n"
+        "    backbone=dict(arch=dict(_delete_=True, layers=[1, 1, 1, 1],\n"
+        "                            embed_dims=[8, 16, 24, 32])),\n"
+        "    neck=dict(in_channels=[8, 16, 24, 32], out_channels=16),\n"
+        "    decode_head=dict(in_channels=[16] * 4, channels=8))\n"
+        "test_dataloader = dict(num_workers=0, persistent_workers=False)\n")
+    return str(path)
+
+
+@pytest.fixture
 def winograd_on(monkeypatch):
     """Winograd runs where its other conditions hold, whatever this CPU's
     instruction set (it is chosen per CPU: ``winograd.FASTER_ON``), so

@@ -117,7 +117,7 @@ def init_model(config, checkpoint: Optional[str] = None,
     compiled model pays the compilation (a minute or more) at its first
     image; one graph then serves every image size. A caller with one image
     (or a few) skips it with ``compile=False``; ``compile=True`` compiles
-    on CPU too (there it costs minutes and gains at most ~7%).
+    on CPU too (there it costs one to four minutes and gains 7-12%).
 
     Args:
         config (str | Path | Config): config file or object.

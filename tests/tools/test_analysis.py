@@ -265,21 +265,12 @@ def test_plot_curves_refuses_a_named_pipe(load_tool, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_eval_runs_both_routes_on_equal_weights(
-        load_tool, tmp_path, capsys):
+        load_tool, tmp_path, capsys, narrow_s12_config):
     """The whole-evaluation benchmark runs the test loop with ours and with
     the upstream route on the same weights: same predictions, so the same
     mIoU; nothing is compiled on CPU."""
-    config = tmp_path / 'tiny.py'
-    config.write_text(
-        f"_base_ = {config_of('s12')!r}\n"
-        "model = dict(\n"
-        "    backbone=dict(arch=dict(_delete_=True, layers=[1, 1, 1, 1],\n"
-        "                            embed_dims=[8, 16, 24, 32])),\n"
-        "    neck=dict(in_channels=[8, 16, 24, 32], out_channels=16),\n"
-        "    decode_head=dict(in_channels=[16] * 4, channels=8))\n"
-        "test_dataloader = dict(num_workers=0, persistent_workers=False)\n")
     tool = load_tool('analysis/benchmark_eval.py')
-    tool.main([str(config), '--num-images', '2', '--threads', '1',
+    tool.main([narrow_s12_config, '--num-images', '2', '--threads', '1',
                '--work-dir', str(tmp_path / 'work')])
     rows = [line.split('|')[1:-1] for line in capsys.readouterr().out
             .splitlines() if line.startswith('| ours') or

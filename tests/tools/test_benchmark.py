@@ -80,23 +80,8 @@ def test_markdown_and_plot_files(report):
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
 
 
-@pytest.fixture
-def tiny_config(tmp_path):
-    """The S12 config with a one-block-per-stage, narrow backbone, neck and
-    head: the same code paths, quick to run and to compile."""
-    path = tmp_path / 'tiny.py'
-    path.write_text(
-        f"_base_ = {str(S12_CONFIG)!r}\n"
-        "model = dict(\n"
-        "    backbone=dict(arch=dict(_delete_=True, layers=[1, 1, 1, 1],\n"
-        "                            embed_dims=[8, 16, 24, 32])),\n"
-        "    neck=dict(in_channels=[8, 16, 24, 32], out_channels=16),\n"
-        "    decode_head=dict(in_channels=[16] * 4, channels=8))\n")
-    return str(path)
-
-
 def test_ablation_rows_flip_one_optimisation_and_report_peak(
-        bench, tmp_path, tiny_config, monkeypatch):
+        bench, tmp_path, narrow_s12_config, monkeypatch):
     """``--ablations`` adds a row per hand-written optimisation, run inside
     a patch that flips its switch (and restores it): ``ours-no-winograd``
     where this CPU runs Winograd, ``ours+winograd`` where it does not;
@@ -114,7 +99,7 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
         monkeypatch.setattr(bench, 'make_step', real)
         assert seen == [not on] and winograd.ON_THIS_CPU is on
     out = tmp_path / 'a.json'
-    bench.main([tiny_config, '--sizes', '64x64', '--dtype', 'fp32',
+    bench.main([narrow_s12_config, '--sizes', '64x64', '--dtype', 'fp32',
                 '--modes', 'infer', '--repeats', '1', '--warmup', '0',
                 '--threads', '1', '--no-memory', '--no-compiled-reference',
                 '--ablations', '--json', str(out)])
@@ -127,12 +112,12 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
 
 
 @pytest.mark.slow
-def test_compiled_reference_row_reports_its_compile_time(bench, tmp_path,
-                                                         tiny_config):
+def test_compiled_reference_row_reports_its_compile_time(
+        bench, tmp_path, narrow_s12_config):
     """The upstream route through torch.compile is a row of its own, its
     compilation in the first-call column, and ours gets a ratio to it."""
     out = tmp_path / 'c.json'
-    bench.main([tiny_config, '--sizes', '64x64', '--dtype', 'fp32',
+    bench.main([narrow_s12_config, '--sizes', '64x64', '--dtype', 'fp32',
                 '--modes', 'infer', '--repeats', '1', '--warmup', '1',
                 '--threads', '1', '--no-memory', '--no-peak', '--json',
                 str(out)])
