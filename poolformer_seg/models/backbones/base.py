@@ -16,6 +16,25 @@ from mmengine.model import BaseModule
 
 NUM_STAGES = 4
 
+IMPLS = ('fast', 'plain')
+"""How a backbone computes its function (same weights and keys): see each
+backbone's ``impl`` argument."""
+
+
+def check_impl(impl, backbone: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f'impl={impl!r} is not an implementation of '
+                         f'{backbone}; choose one of {list(IMPLS)}')
+    return impl
+
+
+def impl_memory_format(impl: str) -> torch.memory_format:
+    """The weights' memory format: channels_last for ``'fast'`` (on CPU a
+    1x1 convolution is then a matrix product over rows of channels, and
+    pooling, depthwise convolutions and channel norms run several times
+    faster), NCHW for ``'plain'``."""
+    return torch.channels_last if impl == 'fast' else torch.contiguous_format
+
 
 def check_out_indices(out_indices) -> Tuple[int, ...]:
     """Sorted stage indices in 0..3 (negative ones count from the end)."""

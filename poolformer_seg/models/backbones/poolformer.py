@@ -39,7 +39,8 @@ from ...compat import register_load_state_dict_pre_hook
 from ...utils.layouts import conversion_message, convert_prefixed_keys
 from ...utils.loading import load_pretrained
 from .base import (NUM_STAGES, StagedBackbone, check_drop_path_rate,
-                   check_frozen_stages, check_out_indices)
+                   check_frozen_stages, check_impl, check_out_indices,
+                   impl_memory_format)
 from .fast_ops import fused_block
 
 # Published variants. `layer_scale_init_value` is 1e-6 for the deeper ones.
@@ -62,16 +63,6 @@ ARCH_DEFAULTS = dict(
     stem_patch_size=7, stem_stride=4, stem_padding=2,
     down_patch_size=3, down_stride=2, down_padding=1)
 ARCH_REQUIRED = ('layers', 'embed_dims')
-
-
-IMPLS = ('fast', 'plain')
-
-
-def check_impl(impl) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f'impl={impl!r} is not an implementation of '
-                         f'PoolFormer; choose one of {list(IMPLS)}')
-    return impl
 
 
 def resolve_arch(arch: Union[str, dict]) -> dict:
@@ -307,7 +298,7 @@ class PoolFormer(StagedBackbone):
         self.norm_eval = norm_eval
         self.with_cp = with_cp
         self.in_channels = in_channels
-        check_impl(impl)
+        check_impl(impl, 'PoolFormer')
         self.norm_cfg = norm_cfg
 
         a = self.arch
@@ -342,7 +333,7 @@ class PoolFormer(StagedBackbone):
         """Compute with ``impl`` (``'fast'`` or ``'plain'``, see the class
         docstring) from now on: sets every block's ``fused`` and converts
         the weights' memory format in place. Returns the backbone."""
-        check_impl(impl)
+        check_impl(impl, 'PoolFormer')
         norm = self.stages[0].blocks[0].norm1
         if impl == 'fast' and not (isinstance(norm, nn.GroupNorm)
                                    and norm.num_groups == 1 and norm.affine):
@@ -355,8 +346,7 @@ class PoolFormer(StagedBackbone):
             for block in stage.blocks:
                 block.fused = impl == 'fast'
         self.impl = impl
-        self.to(memory_format=torch.channels_last if impl == 'fast'
-                else torch.contiguous_format)
+        self.to(memory_format=impl_memory_format(impl))
         return self
 
     @property

@@ -28,11 +28,12 @@ from mmseg.models.necks import FPN
 from mmseg.models.segmentors import EncoderDecoder, SegTTAModel
 from mmseg.registry import MODELS
 
+from ..backbones.base import IMPLS
+
 __all__ = ['RowwiseEncoderDecoder', 'FullLogitsSegTTAModel', 'resized_argmax',
            'source_positions', 'IMPLS', 'PLAIN_TYPES', 'check_compile_setting',
            'compile_decision']
 
-IMPLS = ('fast', 'plain')
 # What ``impl='plain'`` builds in place of our fast modules: mmseg's own
 # classes, which take the same arguments and hold the same weights.
 PLAIN_TYPES = {'FastFPN': 'FPN', 'FastFPNHead': 'FPNHead'}

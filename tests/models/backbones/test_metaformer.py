@@ -123,6 +123,32 @@ def test_timm_weights_give_timm_stage_features(arch):
             assert_all_close(ours.stage_features(x), timm(x))
 
 
+@pytest.mark.parametrize('arch', ['poolformerv2_s12', 'convformer_s18',
+                                  'caformer_s18', TINY_HYBRID])
+def test_fast_impl_is_the_plain_function_in_channels_last(arch):
+    """``impl='fast'`` (the default) holds the same weights and keys in
+    channels_last and gives the plain NCHW backbone's features: every
+    family, and a hybrid whose attention stages flatten channels_last maps
+    to tokens."""
+    torch.manual_seed(0)
+    fast = MetaFormer(arch).eval()
+    plain = MetaFormer(arch, impl='plain').eval()
+    plain.load_state_dict(fast.state_dict())
+    assert fast.impl == 'fast' and plain.impl == 'plain'
+    conv = fast.stem.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.is_contiguous()
+    assert plain.stem.conv.weight.is_contiguous()
+    x = torch.randn(1, 3, 70, 90)
+    with torch.no_grad():
+        got, want = fast(x), plain(x)
+    for g, w in zip(got, want):
+        assert g.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert fast.set_impl('plain') is fast
+    assert fast.stem.conv.weight.is_contiguous()
+
+
 @pytest.mark.parametrize('mixer, timm_mixer, norm, timm_norm', [
     ('identity', 'Identity', 'gn', 'GroupNorm1NoBias'),
     ('attention', 'Attention', 'ln', 'LayerNorm2dNoBias'),
@@ -337,7 +363,9 @@ def test_bad_archs_raise_naming_the_key(arch, match):
     (dict(out_indices=(0, 4)), r'out_indices entry 4 is out of range'),
     (dict(out_indices=(1, -3)), r'names a stage twice'),
     (dict(frozen_stages=5), r'frozen_stages must be an int in \[-1, 4\]'),
-    (dict(drop_path_rate=1.), r'drop_path_rate must be in \[0, 1\)')])
+    (dict(drop_path_rate=1.), r'drop_path_rate must be in \[0, 1\)'),
+    (dict(impl='fused'), r"impl='fused' is not an implementation of "
+                         r"MetaFormer; choose one of \['fast', 'plain'\]")])
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MetaFormer(arch=TINY_HYBRID, **kwargs)
