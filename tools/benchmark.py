@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 
-import poolformer_seg  # noqa: F401  (must precede mmseg imports)
+import poolformer_seg  # noqa: F401  (before torch and mmseg: see its docs)
 import torch
 from poolformer_seg.engine import add_debug_argument, run_tool
 
@@ -755,6 +755,8 @@ def environment(args):
                command='python tools/benchmark.py ' + ' '.join(
                    sys.argv[1:]),
                torch=torch.__version__, device=args.device, cpu=cpu,
+               cpu_capability=torch.backends.cpu.get_cpu_capability(),
+               huge_pages=os.environ.get('THP_MEM_ALLOC_ENABLE'),
                threads=args.threads, cpu_count=os.cpu_count(),
                config=args.config, impl=ours_impl(args),
                weights=args.checkpoint or
