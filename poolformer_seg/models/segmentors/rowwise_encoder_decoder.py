@@ -163,6 +163,20 @@ BLOCK_BYTES = 32 * 2**20
 output rows (a few such temporaries exist at a time)."""
 
 
+def _batch_of_one(logits):
+    """``logits[None]`` in the memory format of ``logits``.
+
+    ``logits[None]`` of a classes-innermost (channels_last) ``C x h x w``
+    gets a batch stride of ``C``, and PyTorch's bilinear resize then takes
+    the tensor for NCHW: a strided read and an NCHW result, whose arg-max
+    over classes is strided too. Measured (2 cores, 150 x 512 x 704 to
+    372 x 512): 413 + 58 ms, against 77 + 19 ms when the batch stride is
+    the whole image, as here."""
+    if logits.stride(0) != 1 or logits.dim() != 3:
+        return logits[None]
+    return logits.permute(1, 2, 0)[None].permute(0, 3, 1, 2)
+
+
 def resized_argmax(logits: torch.Tensor, size, align_corners: bool,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``argmax`` over classes of ``logits`` resized bilinearly to ``size``,
@@ -213,7 +227,7 @@ def resized_argmax(logits: torch.Tensor, size, align_corners: bool,
     pixels = logits.permute(1, 2, 0)  # h x w x C
     row_bytes = logits.shape[0] * width * logits.element_size()
     if row_bytes * height <= WHOLE_IMAGE_BYTES:
-        resized = F.interpolate(logits[None], size, mode='bilinear',
+        resized = F.interpolate(_batch_of_one(logits), size, mode='bilinear',
                                 align_corners=align_corners)
         return torch.argmax(resized[0], dim=0, out=out)
     step = max(1, BLOCK_BYTES // row_bytes)
