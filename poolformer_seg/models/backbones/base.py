@@ -30,9 +30,9 @@ def check_impl(impl, backbone: str) -> str:
 
 def impl_memory_format(impl: str) -> torch.memory_format:
     """The weights' memory format: channels_last for ``'fast'`` (on CPU a
-    1x1 convolution is then a matrix product over rows of channels, and
-    pooling, depthwise convolutions and channel norms run several times
-    faster), NCHW for ``'plain'``."""
+    1x1 convolution is then a matrix product over rows of channels, 3x3
+    average pooling runs several times faster, and compiled MetaFormers
+    1.2-1.4x faster), NCHW for ``'plain'``."""
     return torch.channels_last if impl == 'fast' else torch.contiguous_format
 
 

@@ -408,9 +408,9 @@ class MetaFormer(StagedBackbone):
             (weights and keys are the same): ``'fast'`` (default)
             channels_last, weights converted and the input converted on
             entry, the outputs staying channels_last for the neck and head
-            (the same results, bit for bit, and faster on CPU: ConvFormer-S18
-            at 512x512, fp32, 2 cores: 358 against 418 ms); ``'plain'``
-            NCHW. :meth:`set_impl` switches a built backbone.
+            (the same results; eager as fast as NCHW on CPU, and 1.2-1.4x
+            faster under ``torch.compile``: docs/metaformer.md);
+            ``'plain'`` NCHW. :meth:`set_impl` switches a built backbone.
         init_cfg (dict | list[dict], optional): ``dict(type='Pretrained',
             checkpoint=PATH_OR_URL, prefix=None)`` loads timm or sail-sg
             weights (converted on the fly; strict except for the output
