@@ -13,6 +13,9 @@ matrix products over all tiles at once::
     M[p] = V[p] @ U[p]  (p = 0..35, a batched matrix product over tiles)
     y = A^T M A         (output tiles,  4 x 4 per tile and channel)
 
+``V`` and ``M`` are 2.25x the size of the input and output maps, so they
+are computed for one band of tile rows at a time (:data:`BAND_BYTES`).
+
 The identity is exact; in floating point the transforms add rounding, so
 the fp32 results differ from a direct convolution by a few ulps more than
 two direct algorithms differ from each other (tests: within 1e-4 of
@@ -91,16 +94,35 @@ def _tile_counts(x):
     return -(-x.shape[2] // TILE), -(-x.shape[3] // TILE)
 
 
-def _transform_input(x):
-    """``B x C x H x W`` -> ``36 x (B th tw) x C``: ``B^T d B`` of every
-    6x6 input tile (stride 4, zero padding 1 plus whatever completes the
-    last tile; those outputs are cropped)."""
-    batch, channels, height, width = x.shape
+BAND_BYTES = 32 * 2**20
+"""Largest transform-domain tensor (36 values per tile and channel) of one
+band of tile rows. The transforms and products run band by band, so that
+a convolution's temporaries stay bounded (a few such tensors) whatever the
+size of the map."""
+
+
+def _bands(x, channels):
+    """Slices of tile rows of ``x`` whose transformed tiles, for
+    ``channels`` channels, take at most :data:`BAND_BYTES` each."""
     tiles_h, tiles_w = _tile_counts(x)
+    row_bytes = 36 * x.shape[0] * tiles_w * channels * x.element_size()
+    step = max(1, BAND_BYTES // row_bytes)
+    return [slice(row, min(row + step, tiles_h))
+            for row in range(0, tiles_h, step)]
+
+
+def _transform_input(x, band):
+    """``B x C x H x W`` -> ``36 x (B n tw) x C`` for the ``n`` tile rows of
+    ``band``: ``B^T d B`` of each 6x6 input tile (stride 4, zero padding 1
+    plus whatever completes the last tile; those outputs are cropped)."""
+    batch, channels, height, width = x.shape
+    _, tiles_w = _tile_counts(x)
+    first, stop = TILE * band.start - 1, TILE * band.stop + 1  # input rows
     rows = x.permute(0, 2, 3, 1)  # B x H x W x C (a view if channels_last)
-    padded = F.pad(rows, (0, 0, 1, TILE * tiles_w + 1 - width,
-                          1, TILE * tiles_h + 1 - height))
-    tiles = padded.unfold(1, 6, TILE).unfold(2, 6, TILE)  # B th tw C 6 6
+    padded = F.pad(rows[:, max(first, 0):min(stop, height)],
+                   (0, 0, 1, TILE * tiles_w + 1 - width,
+                    max(-first, 0), max(stop - height, 0)))
+    tiles = padded.unfold(1, 6, TILE).unfold(2, 6, TILE)  # B n tw C 6 6
     d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(6, 6, -1)
     del padded, tiles  # each temporary is freed as soon as it is used
     bt = _matrix(_BT, x)
@@ -109,31 +131,35 @@ def _transform_input(x):
     return torch.matmul(bt, half).view(36, -1, channels)
 
 
-def _transform_output(m, like):
-    """``36 x (B th tw) x K`` -> ``B x K x H x W`` (channels_last) for an
-    input ``like``: ``A^T M A`` of every tile, the tiles put side by
+def _transform_output(m, like, band):
+    """``36 x (B n tw) x K`` -> ``B x 4n x 4tw x K``: ``A^T M A`` of every
+    tile of ``band`` (for an input ``like``), the tiles put side by
     side."""
-    batch, _, height, width = like.shape
-    tiles_h, tiles_w = _tile_counts(like)
+    batch = like.shape[0]
+    _, tiles_w = _tile_counts(like)
     at = _matrix(_AT, m)
     half = (at @ m.view(6, -1)).view(TILE, 6, -1)
     del m
-    y = torch.matmul(at, half).view(TILE, TILE, batch, tiles_h, tiles_w, -1)
+    y = torch.matmul(at, half).view(TILE, TILE, batch, -1, tiles_w,
+                                    half.shape[-1] // (batch * tiles_w *
+                                                       (band.stop -
+                                                        band.start)))
     del half
-    y = y.permute(2, 3, 0, 4, 1, 5).reshape(batch, TILE * tiles_h,
-                                            TILE * tiles_w, -1)
-    return y[:, :height, :width].permute(0, 3, 1, 2)
+    return y.permute(2, 3, 0, 4, 1, 5).reshape(
+        batch, TILE * (band.stop - band.start), TILE * tiles_w, -1)
 
 
-def _transform_output_grad(grad, like):
-    """The adjoint of :func:`_transform_output`: ``B x K x H x W`` ->
-    ``36 x (B th tw) x K``, ``A g A^T`` of every (zero-completed) 4x4
-    tile of ``grad``."""
+def _transform_output_grad(grad, like, band):
+    """The adjoint of :func:`_transform_output`: the output rows of
+    ``band`` of ``grad`` (``B x K x H x W``) -> ``36 x (B n tw) x K``,
+    ``A g A^T`` of every (zero-completed) 4x4 tile."""
     batch, _, height, width = like.shape
-    tiles_h, tiles_w = _tile_counts(like)
-    rows = F.pad(grad.permute(0, 2, 3, 1),
-                 (0, 0, 0, TILE * tiles_w - width, 0, TILE * tiles_h - height))
-    g = rows.reshape(batch, tiles_h, TILE, tiles_w, TILE, -1)
+    _, tiles_w = _tile_counts(like)
+    start, stop = TILE * band.start, min(TILE * band.stop, height)
+    rows = F.pad(grad.permute(0, 2, 3, 1)[:, start:stop],
+                 (0, 0, 0, TILE * tiles_w - width,
+                  0, TILE * (band.stop - band.start) - (stop - start)))
+    g = rows.reshape(batch, -1, TILE, tiles_w, TILE, grad.shape[1])
     g = g.permute(2, 4, 0, 1, 3, 5).reshape(TILE, TILE, -1)
     a = _matrix(_AT, grad).t()
     m = torch.matmul(a, (a @ g.view(TILE, -1)).view(6, TILE, -1))
@@ -141,11 +167,23 @@ def _transform_output_grad(grad, like):
 
 
 def _forward(x, weight, bias):
-    y = _transform_output(  # a B x K x H x W view of B x H x W x K
-        torch.bmm(_transform_input(x), _transform_weight(weight)), x)
-    if bias is None:
-        return y.contiguous(memory_format=torch.channels_last)
-    return y + bias.view(-1, 1, 1)
+    """The convolution, band by band, into a ``B x K x H x W``
+    channels_last tensor."""
+    u = _transform_weight(weight)
+    batch, channels, height, width = x.shape
+    out = torch.empty(batch, u.shape[2], height, width, dtype=x.dtype,
+                      device=x.device, memory_format=torch.channels_last)
+    rows_out = out.permute(0, 2, 3, 1)  # B x H x W x K, the same memory
+    for band in _bands(x, max(channels, u.shape[2])):
+        y = _transform_output(torch.bmm(_transform_input(x, band), u), x,
+                              band)
+        rows = slice(TILE * band.start, min(TILE * band.stop, height))
+        y = y[:, :rows.stop - rows.start, :width]
+        if bias is None:
+            rows_out[:, rows] = y
+        else:
+            torch.add(y, bias, out=rows_out[:, rows])
+    return out
 
 
 class _Conv3x3(torch.autograd.Function):
@@ -171,8 +209,10 @@ class _Conv3x3(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _forward(grad, weight.flip(2, 3).transpose(0, 1), None)
         if ctx.needs_input_grad[1]:
-            grad_u = torch.bmm(_transform_input(x).transpose(1, 2),
-                               _transform_output_grad(grad, x))
+            grad_u = x.new_zeros(36, x.shape[1], weight.shape[0])
+            for band in _bands(x, max(x.shape[1], weight.shape[0])):
+                grad_u.baddbmm_(_transform_input(x, band).transpose(1, 2),
+                                _transform_output_grad(grad, x, band))
             g = _matrix(_G, weight)
             grad_w = torch.einsum('pa,pqck,qb->kcab', g,
                                   grad_u.view(6, 6, *grad_u.shape[1:]), g)

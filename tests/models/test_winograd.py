@@ -160,6 +160,41 @@ def test_gradients_equal_conv2d_in_float64():
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('band_rows', [1, 3])
+def test_bands_of_tile_rows_give_the_whole_convolution(monkeypatch,
+                                                       band_rows):
+    """Cut into bands of 1 or 3 tile rows (10 tile rows in all, the last
+    one cropped), the forward and both gradients are still the direct
+    convolution's, in float64."""
+    x, weight, bias = _inputs(2, 16, 12, 37, 50, torch.float64)
+    row_bytes = 36 * 2 * 13 * 16 * 8  # 13 tiles wide, max(C, K) = 16
+    monkeypatch.setattr(winograd, 'BAND_BYTES', band_rows * row_bytes)
+    bands = winograd._bands(x, 16)
+    assert len(bands) == -(-10 // band_rows)
+    assert all(b.stop - b.start <= band_rows for b in bands)
+    grad = torch.randn(2, 12, 37, 50, dtype=torch.float64)
+    results = []
+    for conv in (winograd_conv3x3, lambda *a: F.conv2d(*a, padding=1)):
+        leaves = [t.detach().clone().requires_grad_()
+                  for t in (x, weight, bias)]
+        out = conv(*leaves)
+        out.backward(grad)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_bands_bound_the_transformed_tiles():
+    x = torch.empty(2, 256, 512, 512, device='meta')
+    bands = winograd._bands(x, 256)
+    tiles_w = 512 // 4
+    for band in bands:
+        rows = band.stop - band.start
+        assert 36 * 2 * rows * tiles_w * 256 * 4 <= winograd.BAND_BYTES
+    assert bands[0].start == 0 and bands[-1].stop == 128
+    assert all(a.stop == b.start for a, b in zip(bands, bands[1:]))
+
+
 def test_backward_keeps_only_the_input_and_weight():
     x, weight, bias = _inputs(1, 8, 4, 70, 64, torch.float32)
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
