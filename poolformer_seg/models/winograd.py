@@ -135,18 +135,17 @@ def _transform_output(m, like, band):
     """``36 x (B n tw) x K`` -> ``B x 4n x 4tw x K``: ``A^T M A`` of every
     tile of ``band`` (for an input ``like``), the tiles put side by
     side."""
-    batch = like.shape[0]
+    batch, channels = like.shape[0], m.shape[-1]
     _, tiles_w = _tile_counts(like)
+    tiles_h = band.stop - band.start
     at = _matrix(_AT, m)
     half = (at @ m.view(6, -1)).view(TILE, 6, -1)
     del m
-    y = torch.matmul(at, half).view(TILE, TILE, batch, -1, tiles_w,
-                                    half.shape[-1] // (batch * tiles_w *
-                                                       (band.stop -
-                                                        band.start)))
+    y = torch.matmul(at, half).view(TILE, TILE, batch, tiles_h, tiles_w,
+                                    channels)
     del half
     return y.permute(2, 3, 0, 4, 1, 5).reshape(
-        batch, TILE * (band.stop - band.start), TILE * tiles_w, -1)
+        batch, TILE * tiles_h, TILE * tiles_w, channels)
 
 
 def _transform_output_grad(grad, like, band):
