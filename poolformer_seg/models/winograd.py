@@ -94,16 +94,19 @@ def _tile_counts(x):
     return -(-x.shape[2] // TILE), -(-x.shape[3] // TILE)
 
 
-BAND_BYTES = 32 * 2**20
+BAND_BYTES = 8 * 2**20
 """Largest transform-domain tensor (36 values per tile and channel) of one
 band of tile rows. The transforms and products run band by band, so that
 a convolution's temporaries stay bounded (a few such tensors) whatever the
-size of the map."""
+size of the map. A training step holds several of them at its memory peak
+(the head's backward), while the products of a band stay large enough
+(hundreds of tiles) to run at full speed down to a few MB."""
 
 
 def _bands(x, channels):
     """Slices of tile rows of ``x`` whose transformed tiles, for
-    ``channels`` channels, take at most :data:`BAND_BYTES` each."""
+    ``channels`` channels, take at most :data:`BAND_BYTES` each (or one
+    tile row, where a row alone takes more)."""
     tiles_h, tiles_w = _tile_counts(x)
     row_bytes = 36 * x.shape[0] * tiles_w * channels * x.element_size()
     step = max(1, BAND_BYTES // row_bytes)

@@ -129,3 +129,18 @@ def randomize_metaformer_(module: torch.nn.Module, seed: int = 0
             value = .1 * torch.randn(shape, generator=gen)
         tensor.copy_(value)
     return module
+
+
+def float64_inputs(ours: torch.nn.Module, timm: torch.nn.Module, sizes,
+                   batch: int = 1):
+    """Turn both models to float64, then yield a random ``batch x 3 x H x W``
+    float64 input per size.
+
+    The fidelity tests compare architectures and loaded weights, not
+    summation orders: fp32 kernels sum in CPU-dependent orders (timm's and
+    ours were up to 2.2e-5 apart on AVX2, over a 1e-5 tolerance), while in
+    float64 a wrong wiring or weight still shows as an O(1) difference."""
+    ours.double()
+    timm.double()
+    for size in sizes:
+        yield torch.randn(batch, 3, *size, dtype=torch.float64)

@@ -15,8 +15,8 @@ from poolformer_seg.utils.loading import (CheckpointError,
 from poolformer_seg.utils.metaformer_layouts import (
     convert_metaformer_state_dict, detect_metaformer_layout)
 from tests.helpers.sailsg_metaformer import sailsg_from_timm
-from tests.helpers.timm_ref import (randomize_metaformer_, timm_metaformer,
-                                    timm_model)
+from tests.helpers.timm_ref import (float64_inputs, randomize_metaformer_,
+                                    timm_metaformer, timm_model)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 SIZES = [(224, 224), (200, 250)]
@@ -92,12 +92,7 @@ def test_checkpoints_give_timm_stage_features(timm_classifiers, tmp_path,
         state = {k.replace('stages.', 'stages_', 1): v
                  for k, v in state.items() if not k.startswith('head.')}
     ours = pretrained(save(state, tmp_path / f'w.{fmt}', fmt), arch)
-    # float64: the loaded weights are compared, not CPU-dependent fp32
-    # summation orders (up to 2.1e-5 apart on AVX2)
-    timm.double()
-    ours.double()
-    for size in SIZES:
-        x = torch.randn(1, 3, *size, dtype=torch.float64)
+    for x in float64_inputs(ours, timm, SIZES):
         with torch.no_grad():
             refs = timm.forward_intermediates(x, intermediates_only=True)
             feats = ours.stage_features(x)

@@ -11,8 +11,8 @@ import torch
 
 from poolformer_seg import MetaFormer
 from poolformer_seg.models.backbones.metaformer import ARCH_SETTINGS
-from tests.helpers.timm_ref import (TIMM_FEATURE_PARAMS, randomize_metaformer_,
-                                    timm_model)
+from tests.helpers.timm_ref import (TIMM_FEATURE_PARAMS, float64_inputs,
+                                    randomize_metaformer_, timm_model)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # a multiple of 32, and a size that is not
@@ -117,12 +117,7 @@ def test_timm_weights_give_timm_stage_features(arch):
     assert not result.unexpected_keys
     assert sorted(result.missing_keys) == sorted(
         f'norm{i}.{p}' for i in range(4) for p in ('weight', 'bias'))
-    # float64: fp32 kernels sum in CPU-dependent orders (up to 2.2e-5 apart
-    # on AVX2), and the architectures are what is compared
-    timm.double()
-    ours.double()
-    for size in SIZES:
-        x = torch.randn(2, 3, *size, dtype=torch.float64)
+    for x in float64_inputs(ours, timm, SIZES, batch=2):
         with torch.no_grad():
             assert_all_close(ours.stage_features(x), timm(x))
 
@@ -183,12 +178,7 @@ def test_custom_archs_match_timm_metaformer_class(mixer, timm_mixer, norm,
     result = ours.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
     assert all(k.startswith('norm') for k in result.missing_keys)
-    # float64: the architectures are compared, not the summation order of
-    # fp32 attention kernels (which differs by CPU: up to 1.3e-5 on AVX2)
-    timm.double()
-    ours.double()
-    for size in SIZES:
-        x = torch.randn(1, 3, *size, dtype=torch.float64)
+    for x in float64_inputs(ours, timm, SIZES):
         with torch.no_grad():
             _, refs = timm.forward_intermediates(x)
             assert_all_close(ours.stage_features(x), refs)
