@@ -59,7 +59,7 @@ def build(cfg, slim_heads=False):
     fast tier tests (the slow tier runs the configs unchanged)."""
     init_default_scope('mmseg')
     cfg.model.backbone.init_cfg = None
-    if slim_heads and cfg.model.decode_head.type == 'UPerHead':
+    if slim_heads and cfg.model.decode_head.type == 'FastUPerHead':
         cfg.model.decode_head.channels = 32
         cfg.model.auxiliary_head.channels = 16
     torch.manual_seed(0)
@@ -112,9 +112,10 @@ def test_upernet_configs_follow_mmseg_convnext_recipe(name):
                 f'{SAIL}{family}/{arch}.pth')
     head, aux = cfg.model.decode_head, cfg.model.auxiliary_head
     assert (head.type, head.in_channels, head.channels, head.pool_scales,
-            head.num_classes) == ('UPerHead', dims, 512, (1, 2, 3, 6), 150)
+            head.num_classes) == ('FastUPerHead', dims, 512, (1, 2, 3, 6),
+                                  150)
     assert (aux.type, aux.in_channels, aux.in_index,
-            aux.loss_decode.loss_weight) == ('FCNHead', dims[2], 2, .4)
+            aux.loss_decode.loss_weight) == ('FastFCNHead', dims[2], 2, .4)
     assert cfg.model.test_cfg == dict(mode='slide', crop_size=(512, 512),
                                       stride=(341, 341), compile='auto')
     assert cfg.optim_wrapper == dict(
@@ -234,3 +235,54 @@ def test_one_training_iteration(name):
     unchanged = [n for n, p in model.backbone.named_parameters()
                  if torch.equal(p, before[n])]
     assert not unchanged
+
+
+def test_upernet_fast_heads_train_as_mmseg_s_heads(monkeypatch):
+    """``model.impl='plain'`` builds mmseg's UPerHead and FCNHead (and an
+    NCHW backbone) in place of the fast heads, with the same keys; on the
+    same weights both compute the same losses and gradients (float64, with
+    Winograd's 3x3 convolutions at every size and on any CPU)."""
+    from mmseg.models.decode_heads import FCNHead, UPerHead
+
+    from poolformer_seg.models import FastFCNHead, FastUPerHead, winograd
+    monkeypatch.setattr(winograd, 'ON_THIS_CPU', True)
+    monkeypatch.setattr(winograd, 'MIN_PIXELS', 1)
+    models = {}
+    for impl in ('fast', 'plain'):
+        cfg = load('upernet_convformer_s18_ade20k')
+        cfg.model.impl = impl
+        cfg.model.backbone.drop_path_rate = 0.
+        cfg.model.decode_head.dropout_ratio = 0.
+        cfg.model.auxiliary_head.dropout_ratio = 0.
+        models[impl] = build(cfg, slim_heads=True).double().train()
+    fast, plain = models['fast'], models['plain']
+    assert (type(fast.decode_head), type(fast.auxiliary_head)) == (
+        FastUPerHead, FastFCNHead)
+    assert (type(plain.decode_head), type(plain.auxiliary_head)) == (
+        UPerHead, FCNHead)
+    plain.load_state_dict(fast.state_dict(), strict=True)
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2, 3, 128, 160, generator=gen, dtype=torch.float64)
+    samples = []
+    for _ in range(2):
+        sample = SegDataSample(metainfo=dict(img_shape=(128, 160),
+                                             pad_shape=(128, 160)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(
+            0, 150, (1, 128, 160), generator=gen))
+        samples.append(sample)
+    results = {}
+    for impl, model in models.items():
+        losses = model.loss(inputs, samples)
+        sum(v for k, v in losses.items() if 'loss' in k).backward()
+        results[impl] = losses, {n: p.grad for n, p in
+                                 model.named_parameters()}
+    (fast_losses, fast_grads), (losses, grads) = results['fast'], \
+        results['plain']
+    assert fast_losses.keys() == losses.keys()
+    for key, value in losses.items():
+        # mmseg's accuracy is float32 for any logits dtype
+        torch.testing.assert_close(fast_losses[key], value, rtol=1e-10,
+                                   atol=0, check_dtype=False, msg=key)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-7,
+                                   atol=1e-12, msg=name)

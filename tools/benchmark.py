@@ -7,9 +7,11 @@
 One run builds the config's segmentor twice with identical weights: *ours*
 (the config as it is: the fast path by default, ``--cfg-options
 model.impl=plain`` for the plain one) and the *reference*, the same config
-with ``model.impl='plain'`` (mmseg's own FPN and FPNHead, as mmseg builds
-them) over MMPretrain 1.2.0's PoolFormer source
-(``tools/upstream_reference.py``), NCHW, run eager (row ``reference``)
+with ``model.impl='plain'`` (mmseg's own FPN and FPNHead, or UPerHead and
+FCNHead, as mmseg builds them) over MMPretrain 1.2.0's PoolFormer source
+(``tools/upstream_reference.py``; for a MetaFormer config our plain
+MetaFormer, whose features equal timm's, tested in
+tests/models/backbones/test_metaformer.py), NCHW, run eager (row ``reference``)
 and through ``torch.compile`` (row ``reference+compile``, the one-line
 alternative a user has; its compilation is the "first call" column). With
 ``--ablations``, rows ``ours-no-<name>`` run ours with one hand-written
@@ -209,7 +211,9 @@ def reference_of(model_cfg, ours):
     """The segmentor of ``model_cfg`` as upstream computes it, with the
     weights of ``ours``: built with ``model.impl='plain'`` (mmseg's FPN and
     FPNHead, constructed by mmseg: nothing of our fast modules carries
-    over), then mmpretrain's PoolFormer in place of the backbone."""
+    over), then mmpretrain's PoolFormer in place of a PoolFormer backbone
+    (another backbone stays our plain one: for MetaFormer, timm's
+    computation in NCHW)."""
     ref_cfg = copy.deepcopy(model_cfg)
     # an EncoderDecoder config: the same layers; RowwiseEncoderDecoder takes
     # the impl switch, and with impl='plain' predicts as EncoderDecoder does
@@ -218,7 +222,9 @@ def reference_of(model_cfg, ours):
     ref = build_segmentor(ref_cfg)
     ref.load_state_dict(ours.state_dict(), strict=True)
     ref.train(ours.training)
-    ref.backbone = upstream_reference().build_reference(ref.backbone)
+    from poolformer_seg.models import PoolFormer
+    if isinstance(ref.backbone, PoolFormer):
+        ref.backbone = upstream_reference().build_reference(ref.backbone)
     return ref
 
 
@@ -774,8 +780,8 @@ def environment(args):
 def to_markdown(report):
     env = report['environment']
     lines = [
-        '# Benchmark: ours vs upstream (mmseg FPN over mmpretrain '
-        'PoolFormer)', '',
+        '# Benchmark: ours vs upstream (mmseg heads over mmpretrain '
+        'PoolFormer or timm-equivalent MetaFormer)', '',
         f"`{env['command']}`", '',
         f"{env['date']}; torch {env['torch']}; {env['device']} "
         f"({env.get('gpu', env['cpu'])}); {env['threads']} threads; "

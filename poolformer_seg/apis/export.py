@@ -63,23 +63,21 @@ def _plain_modules(module: nn.Module) -> None:
     PoolFormer backbones get ``set_impl('plain')``: the fused block's
     inference path reuses folded weights keyed by tensor addresses, which
     ``torch.export`` cannot trace; the plain block computes the same
-    function (and ONNX runtimes fuse it themselves). ``FastFPN`` and
-    ``FastFPNHead`` hold exactly the modules and settings of mmseg's ``FPN``
-    and ``FPNHead`` and override only how they compute (storage checks that
-    fake tensors cannot answer, resizes skipped when the traced example's
-    sizes happen to match, Winograd convolutions), so they become those
-    classes.
+    function (and ONNX runtimes fuse it themselves). ``FastFPN`` and the
+    fast heads hold exactly the modules and settings of the mmseg classes
+    they derive from (``FPN``, ``FPNHead``, ``UPerHead``, ``FCNHead``) and
+    override only how they compute (storage checks that fake tensors cannot
+    answer, resizes skipped when the traced example's sizes happen to
+    match, Winograd convolutions), so they become those classes.
     """
-    from mmseg.models.decode_heads import FPNHead
-    from mmseg.models.necks import FPN
-
-    from poolformer_seg.models import FastFPN, FastFPNHead, PoolFormer
-    plain_classes = {FastFPN: FPN, FastFPNHead: FPNHead}
+    from poolformer_seg.models import FastFPN, PoolFormer
+    from poolformer_seg.models.decode_heads import FastDecodeHead
+    from poolformer_seg.models.decode_heads.fast_head import mmseg_base
     for child in list(module.modules()):
         if isinstance(child, PoolFormer):
             child.set_impl('plain')
-        elif type(child) in plain_classes:
-            child.__class__ = plain_classes[type(child)]
+        elif isinstance(child, (FastFPN, FastDecodeHead)):
+            child.__class__ = mmseg_base(type(child))
 
 
 def _replace_upsamples(module: nn.Module) -> None:

@@ -175,6 +175,30 @@ def test_reference_is_mmseg_as_built_by_mmseg(bench):
         assert torch.equal(value, ours.decode_head.state_dict()[name]), name
 
 
+def test_reference_of_a_metaformer_config_is_the_plain_build(bench):
+    """A MetaFormer UPerNet config: the reference has mmseg's UPerHead and
+    FCNHead and our MetaFormer in NCHW (timm's function), with ours'
+    weights; ours has the fast heads and a channels_last backbone."""
+    from mmseg.models.decode_heads import FCNHead, UPerHead
+
+    from poolformer_seg.models import FastFCNHead, FastUPerHead, MetaFormer
+    from tests.conftest import REPO
+    config = f'{REPO}/configs/upernet_convformer_s18_ade20k.py'
+    args = bench.parse_args([config, '--threads', '1', '--cfg-options',
+                             'model.decode_head.channels=16',
+                             'model.auxiliary_head.channels=8'])
+    models = bench.build_pair(args, 'cpu')
+    ours, ref = models['ours'], models['reference']
+    assert (type(ours.decode_head), type(ours.auxiliary_head)) == (
+        FastUPerHead, FastFCNHead)
+    assert (type(ref.decode_head), type(ref.auxiliary_head)) == (
+        UPerHead, FCNHead)
+    assert type(ref.backbone) is MetaFormer
+    assert (ours.backbone.impl, ref.backbone.impl) == ('fast', 'plain')
+    for name, value in ref.state_dict().items():
+        assert torch.equal(value, ours.state_dict()[name]), name
+
+
 class _TinySegmentor(torch.nn.Module):
     """conv -> ReLU -> classifier, under the classifier's mmseg name."""
 

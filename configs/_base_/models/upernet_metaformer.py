@@ -2,7 +2,9 @@
 # the per-variant configs change arch, channels and weights). Heads as
 # mmseg 1.x's upernet_convnext.py: UPerHead with 512 channels and pyramid
 # pooling (1, 2, 3, 6), an FCN auxiliary head on stage 2 (loss weight 0.4),
-# SyncBN, and sliding-window inference with 512x512 windows.
+# SyncBN, and sliding-window inference with 512x512 windows. FastUPerHead and
+# FastFCNHead are mmseg's UPerHead and FCNHead computed faster (same weights
+# and results; model.impl='plain' builds mmseg's own).
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 # ImageNet-1k CAFormer-S18 (sail-sg original); see the per-variant configs.
 checkpoint_file = 'https://huggingface.co/sail/dl/resolve/main/caformer/caformer_s18.pth'  # noqa: E501
@@ -24,7 +26,7 @@ model = dict(
         drop_path_rate=0.15,
         init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
     decode_head=dict(
-        type='UPerHead',
+        type='FastUPerHead',
         in_channels=[64, 128, 320, 512],
         in_index=[0, 1, 2, 3],
         pool_scales=(1, 2, 3, 6),
@@ -36,7 +38,7 @@ model = dict(
         loss_decode=dict(
             type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
     auxiliary_head=dict(
-        type='FCNHead',
+        type='FastFCNHead',
         in_channels=320,
         in_index=2,
         channels=256,

@@ -1,25 +1,19 @@
 """Semantic FPN's head with a leaner loss and forward; same results."""
 import torch
 from mmseg.models.decode_heads import FPNHead
-from mmseg.models.losses import CrossEntropyLoss
-from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 
-from ..losses import resized_cross_entropy
-from ..utils import autocast_off
 from ..winograd import conv_module_forward
+from .fast_head import FastDecodeHead, resized_like
 
 
 @MODELS.register_module()
-class FastFPNHead(FPNHead):
+class FastFPNHead(FastDecodeHead, FPNHead):
     """``FPNHead`` with a faster loss and forward; same function.
 
-    Training: mmseg's ``loss_by_feat`` resizes the ``B x num_classes x H/4
-    x W/4`` logits to the label size and runs the cross-entropy and the
-    accuracy over that tensor; this head computes the same ``loss_ce`` and
-    ``acc_seg`` block by block (:func:`~poolformer_seg.models.losses.
-    resized_cross_entropy`), several times faster on CPU and without the
-    full-size buffers.
+    Training: the loss is computed block by block
+    (:class:`~.fast_head.FastDecodeHead`, which also lists the
+    loss settings that are supported and refuses the others at build time).
 
     Forward: ``FPNHead``'s, minus three resizes to the same size (copies);
     when no gradient is needed the scale heads are summed in place.
@@ -29,46 +23,12 @@ class FastFPNHead(FPNHead):
     activations instead of two, and one bf16 rounding fewer under autocast.
     On CPU the large 3x3 convolutions run by Winograd's F(4x4, 3x3)
     (:mod:`~poolformer_seg.models.winograd`). BatchNorm in training mode
-    runs as it is, after the convolution.
-
-    Mixed precision: under autocast the classifier ``conv_seg`` runs in
-    fp32, so the logits (and the loss computed from them) are fp32.
+    runs as it is, after the convolution. Under autocast the classifier
+    runs in fp32.
 
     Layers and state-dict keys are ``FPNHead``'s, so checkpoints move
-    freely between the two types. The loss of the
-    published configs is supported, and anything else is refused at build
-    time: one ``CrossEntropyLoss`` with softmax (``use_sigmoid=False``),
-    no ``class_weight`` and no pixel ``sampler``; ``avg_non_ignore``,
-    ``loss_weight``, ``loss_name`` and ``align_corners`` are honoured.
+    freely between the two types.
     """
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        unsupported = self._unsupported_options()
-        if unsupported:
-            raise ValueError(
-                f'FastFPNHead supports one softmax CrossEntropyLoss with '
-                f'mean reduction, computed as FPNHead does; these settings '
-                f'would give another result: '
-                f'{", ".join(unsupported)}. Use type="FPNHead" for them')
-
-    def _unsupported_options(self):
-        """The head and loss settings the blockwise loss does not compute
-        as ``FPNHead`` does, as ``name=value`` strings."""
-        loss = self.loss_decode
-        if not isinstance(loss, CrossEntropyLoss):
-            return [f'loss_decode={type(loss).__name__} (one '
-                    'CrossEntropyLoss, not a list or another loss)']
-        checks = [
-            ('loss_decode.use_sigmoid', loss.use_sigmoid, False),
-            ('loss_decode.use_mask', loss.use_mask, False),
-            ('loss_decode.class_weight', loss.class_weight, None),
-            ('loss_decode.reduction', loss.reduction, 'mean'),
-            ('sampler', self.sampler, None),
-            ('out_channels', self.out_channels, self.num_classes),
-        ]
-        return [f'{name}={value!r}' for name, value, supported in checks
-                if value != supported]
 
     def forward(self, inputs):
         """``FPNHead.forward`` without its no-op resizes: each scale head
@@ -83,16 +43,13 @@ class FastFPNHead(FPNHead):
             any(t.requires_grad for t in x) or
             any(p.requires_grad for p in self.scale_heads.parameters())))
         for scale_head, feature in zip(self.scale_heads[1:], x[1:]):
-            head = self._to_size(self._scale_head(scale_head, feature),
-                                 output)
+            head = resized_like(self._scale_head(scale_head, feature),
+                                output, self.align_corners)
             output = output.add_(head) if in_place else output + head
         return self.cls_seg(output)
 
-    def _to_size(self, head, output):
-        if head.shape[2:] == output.shape[2:]:
-            return head
-        return resize(head, size=output.shape[2:], mode='bilinear',
-                      align_corners=self.align_corners)
+    def plain_forward(self, inputs):
+        return FPNHead.forward(self, inputs)
 
     @staticmethod
     def _scale_head(scale_head, feature):
@@ -102,23 +59,3 @@ class FastFPNHead(FPNHead):
         for module in scale_head:  # ConvModules and Upsamples
             feature = conv_module_forward(module, feature)
         return feature
-
-    def cls_seg(self, feat):
-        """The classifier, in fp32 even under autocast: bf16 keeps 8 bits
-        of mantissa, too coarse for logits whose top two classes are often
-        close (rounding alone would change the arg-max of ~1% of pixels).
-        A 1x1 convolution at stride 4, it costs little in fp32."""
-        if self.dropout is not None:
-            feat = self.dropout(feat)
-        with autocast_off(feat.device):
-            return self.conv_seg(feat.to(self.conv_seg.weight.dtype))
-
-    def loss_by_feat(self, seg_logits, batch_data_samples) -> dict:
-        seg_label = self._stack_batch_gt(batch_data_samples).squeeze(1)
-        loss, acc = resized_cross_entropy(
-            seg_logits, seg_label, ignore_index=self.ignore_index,
-            avg_non_ignore=self.loss_decode.avg_non_ignore,
-            align_corners=self.align_corners)
-        return {self.loss_decode.loss_name: self.loss_decode.loss_weight *
-                loss, 'acc_seg': acc}
-

@@ -23,12 +23,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from mmengine.structures import PixelData
-from mmseg.models.decode_heads import FPNHead
 from mmseg.models.necks import FPN
 from mmseg.models.segmentors import EncoderDecoder, SegTTAModel
 from mmseg.registry import MODELS
 
 from ..backbones.base import IMPLS
+from ..decode_heads import FastDecodeHead
 
 __all__ = ['RowwiseEncoderDecoder', 'FullLogitsSegTTAModel', 'resized_argmax',
            'source_positions', 'IMPLS', 'PLAIN_TYPES', 'check_compile_setting',
@@ -36,7 +36,8 @@ __all__ = ['RowwiseEncoderDecoder', 'FullLogitsSegTTAModel', 'resized_argmax',
 
 # What ``impl='plain'`` builds in place of our fast modules: mmseg's own
 # classes, which take the same arguments and hold the same weights.
-PLAIN_TYPES = {'FastFPN': 'FPN', 'FastFPNHead': 'FPNHead'}
+PLAIN_TYPES = {'FastFPN': 'FPN', 'FastFPNHead': 'FPNHead',
+               'FastUPerHead': 'UPerHead', 'FastFCNHead': 'FCNHead'}
 
 
 def check_compile_setting(value):
@@ -73,18 +74,18 @@ def _logits(model, inputs):
 
 def _traced_logits(model, inputs):
     """:func:`_logits` as the compiler traces it: a fast neck or head runs
-    the forward of the mmseg class it derives from (``FPN``, ``FPNHead``:
-    same layers and weights). Their CPU tricks -- in-place sums guarded by
-    storage checks, Winograd convolutions chosen by size -- are graph
-    breaks or size guards to dynamo, and the compiler fuses the plain graph
-    itself."""
+    the forward of the mmseg class it derives from (``FPN.forward``, a fast
+    head's ``plain_forward``: same layers and weights). Their CPU tricks --
+    in-place sums guarded by storage checks, Winograd convolutions chosen
+    by size -- are graph breaks or size guards to dynamo, and the compiler
+    fuses the plain graph itself."""
     x = model.backbone(inputs)
     if model.with_neck:
         neck = model.neck
         x = FPN.forward(neck, x) if isinstance(neck, FPN) else neck(x)
     head = model.decode_head
-    if isinstance(head, FPNHead):
-        return FPNHead.forward(head, x)
+    if isinstance(head, FastDecodeHead):
+        return head.plain_forward(x)
     return head.forward(x)
 
 
@@ -99,7 +100,10 @@ def _compiled_logits():
 
 
 def _plain_part(cfg):
-    """``cfg`` with a fast neck/head type replaced by mmseg's own."""
+    """``cfg`` with a fast neck/head type replaced by mmseg's own (each
+    of a list of auxiliary heads)."""
+    if isinstance(cfg, (list, tuple)):
+        return [_plain_part(part) for part in cfg]
     if not isinstance(cfg, dict):
         return cfg
     cfg = copy.deepcopy(cfg)
@@ -254,11 +258,13 @@ class RowwiseEncoderDecoder(EncoderDecoder):
 
     Args:
         impl (str): ``'fast'`` (default): the modules as configured (the
-            configs use our fast ones: PoolFormer's default ``impl='fast'``,
-            ``FastFPN``, ``FastFPNHead``) and the row-wise label map.
+            configs use our fast ones: the backbones' default
+            ``impl='fast'``, ``FastFPN``, ``FastFPNHead``, ``FastUPerHead``,
+            ``FastFCNHead``) and the row-wise label map.
             ``'plain'``: the same function computed as upstream mmseg does:
-            the neck ``FastFPN`` is built as mmseg's ``FPN`` and the head
-            ``FastFPNHead`` as ``FPNHead`` (same arguments), a backbone that
+            each fast neck or head (decode or auxiliary) is built as the
+            mmseg class it derives from (:data:`PLAIN_TYPES`; same
+            arguments), a backbone that
             takes ``impl`` gets ``impl='plain'`` (a backbone config that
             says ``impl='fast'`` is refused as a contradiction), and the
             predictions go through ``EncoderDecoder.postprocess_result``
@@ -281,8 +287,8 @@ class RowwiseEncoderDecoder(EncoderDecoder):
             stay eager. Training is never compiled.
     """
 
-    def __init__(self, backbone, decode_head, neck=None, *args,
-                 impl: str = 'fast', keep_seg_logits: bool = False,
+    def __init__(self, backbone, decode_head, neck=None, auxiliary_head=None,
+                 *args, impl: str = 'fast', keep_seg_logits: bool = False,
                  **kwargs):
         if impl not in IMPLS:
             raise ValueError(f'model.impl={impl!r} is not known; choose one '
@@ -290,7 +296,9 @@ class RowwiseEncoderDecoder(EncoderDecoder):
         if impl == 'plain':
             backbone = _plain_backbone(backbone)
             neck, decode_head = _plain_part(neck), _plain_part(decode_head)
-        super().__init__(backbone, decode_head, neck, *args, **kwargs)
+            auxiliary_head = _plain_part(auxiliary_head)
+        super().__init__(backbone, decode_head, neck, auxiliary_head, *args,
+                         **kwargs)
         self.impl = impl
         self.keep_seg_logits = keep_seg_logits
         check_compile_setting(self.compile_setting)

@@ -276,3 +276,30 @@ def test_plain_leaves_backbones_without_impl_alone():
                          channels=8, num_classes=3))
     assert isinstance(model.backbone, MetaFormer)
     assert type(model.neck) is FPN and type(model.decode_head) is FPNHead
+
+
+def test_plain_swaps_every_auxiliary_head():
+    """``model.impl='plain'`` builds mmseg's head for each fast auxiliary
+    head, also in a list, and leaves mmseg's own heads as they are."""
+    from mmseg.models.decode_heads import FCNHead, UPerHead
+
+    from poolformer_seg.models import FastFCNHead, FastUPerHead
+    fcn = dict(in_channels=16, in_index=2, channels=8, num_convs=1,
+               concat_input=False, num_classes=3)
+    kwargs = dict(
+        backbone=dict(type='MetaFormer', init_cfg=None, arch=dict(
+            layers=[1] * 4, embed_dims=[8, 16, 16, 16],
+            token_mixers=['pool'] * 4)),
+        decode_head=dict(type='FastUPerHead', in_channels=[8, 16, 16, 16],
+                         in_index=[0, 1, 2, 3], channels=8, num_classes=3),
+        auxiliary_head=[dict(fcn, type='FastFCNHead'),
+                        dict(fcn, type='FCNHead', in_index=1)])
+    fast = RowwiseEncoderDecoder(**kwargs)
+    plain = RowwiseEncoderDecoder(impl='plain', **kwargs)
+    assert [type(head) for head in fast.auxiliary_head] == [FastFCNHead,
+                                                            FCNHead]
+    assert [type(head) for head in plain.auxiliary_head] == [FCNHead,
+                                                             FCNHead]
+    assert (type(fast.decode_head), type(plain.decode_head)) == (
+        FastUPerHead, UPerHead)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
