@@ -16,6 +16,7 @@ from mmseg.structures import SegDataSample
 
 from poolformer_seg.models import FastFCNHead, FastUPerHead
 from poolformer_seg.models import winograd
+from tests.helpers.heads import assert_trains_alike, loss_and_grads
 from tests.helpers.upstream import randomize_
 
 CHANNELS = [8, 12, 16, 16]
@@ -70,15 +71,6 @@ def samples(batch=2, seed=0):
     return out
 
 
-def loss_and_grads(head, feats, batch):
-    head.train()
-    head.zero_grad(set_to_none=True)
-    losses = head.loss(feats, batch, train_cfg={})
-    losses['loss_ce'].backward()
-    return losses, {n: p.grad.clone() for n, p in head.named_parameters()
-                    if p.grad is not None}
-
-
 def count_winograd(monkeypatch):
     calls = []
     original = winograd.winograd_conv3x3
@@ -102,21 +94,8 @@ def test_training_equals_mmseg_head_in_float64(plain_type, fast_type, cfg,
     loss_cfg = dict(cfg['loss_decode'], avg_non_ignore=avg_non_ignore)
     plain, fast = make_pair(plain_type, fast_type, cfg,
                             loss_decode=loss_cfg)
-    feats, batch = features(), samples()
-    want, want_grads = loss_and_grads(plain, feats, batch)
-    got, grads = loss_and_grads(fast, feats, batch)
-    assert got.keys() == want.keys() == {'loss_ce', 'acc_seg'}
-    torch.testing.assert_close(got['loss_ce'], want['loss_ce'], rtol=1e-12,
-                               atol=0)
-    # mmseg's accuracy is float32 for any logits dtype
-    torch.testing.assert_close(got['acc_seg'], want['acc_seg'],
-                               check_dtype=False)
-    assert grads.keys() == want_grads.keys()
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-9,
-                                   atol=1e-12, msg=name)
-    # BN running statistics moved alike
-    torch.testing.assert_close(fast.state_dict(), plain.state_dict())
+    assert_trains_alike(fast, plain, features(), samples(), loss_rtol=1e-12,
+                        grad_rtol=1e-9, grad_atol_of_max=1e-11)
 
 
 def test_uper_head_runs_its_large_convolutions_by_winograd(monkeypatch):
@@ -201,13 +180,5 @@ def test_heads_run_on_the_meta_device():
 
 def test_fp32_training_is_within_rounding_of_mmseg():
     plain, fast = make_pair(UPerHead, FastUPerHead, UPER, torch.float32)
-    feats, batch = features(torch.float32), samples()
-    want, want_grads = loss_and_grads(plain, feats, batch)
-    got, grads = loss_and_grads(fast, feats, batch)
-    torch.testing.assert_close(got['loss_ce'], want['loss_ce'], rtol=1e-5,
-                               atol=0)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(
-            grads[name], grad, rtol=1e-4,
-            atol=1e-5 * grad.abs().max().item(), msg=name)
-
+    assert_trains_alike(fast, plain, features(torch.float32), samples(),
+                        loss_rtol=1e-5, grad_rtol=1e-4, grad_atol_of_max=1e-5)
