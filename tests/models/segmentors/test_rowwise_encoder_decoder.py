@@ -303,3 +303,16 @@ def test_plain_swaps_every_auxiliary_head():
     assert (type(fast.decode_head), type(plain.decode_head)) == (
         FastUPerHead, UPerHead)
     assert fast.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_plain_types_name_the_mmseg_class_each_fast_module_derives_from():
+    """``PLAIN_TYPES`` (config names) agrees with the class hierarchy that
+    ONNX export uses (``mmseg_base``), for every fast neck and head."""
+    from poolformer_seg.models import (FastFCNHead, FastFPN, FastFPNHead,
+                                       FastUPerHead)
+    from poolformer_seg.models.decode_heads.fast_head import mmseg_base
+    from poolformer_seg.models.segmentors.rowwise_encoder_decoder import \
+        PLAIN_TYPES
+    fast = (FastFPN, FastFPNHead, FastUPerHead, FastFCNHead)
+    assert PLAIN_TYPES == {cls.__name__: mmseg_base(cls).__name__
+                           for cls in fast}
