@@ -205,7 +205,36 @@ class StarReLU(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
-        return self.scale * F.relu(x) ** 2 + self.bias
+        return _StarReLUFunction.apply(x, self.scale, self.bias)
+
+
+class _StarReLUFunction(torch.autograd.Function):
+    """StarReLU with the formula's values and dtype (promoted with the
+    scalars, so fp32 under autocast) and a shorter backward.
+
+    Autograd of the formula keeps ``relu(x)`` and ``relu(x) ** 2`` and makes
+    six elementwise passes over them backward; this keeps ``relu(x)`` only
+    and makes four (``d/dx = 2 * scale * relu(x)``, zero where ``x <= 0``).
+    About 9% of a ConvFormer-S18 training step (docs/metaformer.md).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, bias):
+        relu = F.relu(x)
+        ctx.save_for_backward(relu, scale)
+        y = relu * relu
+        # in place only where the formula's type promotion keeps the dtype
+        y = y.mul_(scale) if y.dtype == scale.dtype else y * scale
+        return y.add_(bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        relu, scale = ctx.saved_tensors
+        grad_relu = grad * relu
+        grad_scale = (grad_relu * relu).sum().reshape(1) \
+            if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum().reshape(1) if ctx.needs_input_grad[2] else None
+        return grad_relu.mul_(2 * scale), grad_scale, grad_bias
 
 
 def _pointwise(in_channels: int, out_channels: int, tokens: bool):
@@ -369,6 +398,14 @@ class MetaFormerStage(nn.Module):
         return x
 
 
+def _channels_last(grad):
+    """A stage output's gradient, in channels_last. A loss on the raw
+    features can send another format back (``mean()`` sends an expanded
+    gradient, and adding it to a channels_last one gives NCHW), and every
+    convolution of the stage would then convert it again."""
+    return grad.contiguous(memory_format=torch.channels_last)
+
+
 @MODELS.register_module()
 class MetaFormer(StagedBackbone):
     """MetaFormer backbone returning multi-scale features.
@@ -493,6 +530,8 @@ class MetaFormer(StagedBackbone):
         features = []
         for i, stage in enumerate(self.stages[:self.out_indices[-1] + 1]):
             x = stage(x, with_cp=self.with_cp and self.training)
+            if self.impl == 'fast' and x.requires_grad:
+                x.register_hook(_channels_last)
             if i in self.out_indices:
                 features.append(x)
         return features

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from poolformer_seg import MetaFormer
-from poolformer_seg.models.backbones.metaformer import ARCH_SETTINGS
+from poolformer_seg.models.backbones.metaformer import (ARCH_SETTINGS,
+                                                       StarReLU)
 from tests.helpers.timm_ref import (TIMM_FEATURE_PARAMS, float64_inputs,
                                     randomize_metaformer_, timm_model)
 
@@ -324,6 +325,158 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for (name, a), (_, b) in zip(plain.named_parameters(),
                                  ckpt.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+# ----------------------------------------------------------------------------
+# Training computation: StarReLU's autograd function, gradient formats
+
+
+def star_relu_formula(x, scale, bias):
+    """The published definition, differentiated by autograd."""
+    return scale * torch.relu(x) ** 2 + bias
+
+
+def values_and_gradients(fn, x, scale, bias, grad):
+    """``fn(x, scale, bias)`` and the gradients of its three inputs."""
+    x, scale, bias = (t.detach().clone().requires_grad_()
+                      for t in (x, scale, bias))
+    y = fn(x, scale, bias)
+    y.backward(grad)
+    return y, x.grad, scale.grad, bias.grad
+
+
+def star_relu_module(x, scale, bias):
+    """Our module, its two parameters replaced by the given tensors."""
+    act = StarReLU()
+    del act.scale, act.bias
+    act.scale, act.bias = scale, bias
+    return act(x)
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 5, 7), (2, 35, 16)])
+def test_star_relu_equals_its_formula_in_values_and_gradients(shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    x[0, 0] = 0.  # the kink: both give 0 there
+    scale = torch.tensor([.7], dtype=torch.float64)
+    bias = torch.tensor([-.2], dtype=torch.float64)
+    grad = torch.randn(shape, dtype=torch.float64)
+    ours = values_and_gradients(star_relu_module, x, scale, bias, grad)
+    want = values_and_gradients(star_relu_formula, x, scale, bias, grad)
+    for name, a, b in zip(['y', 'x.grad', 'scale.grad', 'bias.grad'], ours,
+                          want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_star_relu_keeps_the_formulas_dtype_under_autocast():
+    """Under autocast the formula promotes the bf16 input with the fp32
+    scalars: fp32 out; a bf16 gradient comes back for the bf16 input."""
+    act = StarReLU()
+    x = torch.randn(2, 4, 3, 3).bfloat16().requires_grad_()
+    want = star_relu_formula(x.detach(), act.scale.detach(),
+                             act.bias.detach())
+    with torch.autocast('cpu', torch.bfloat16):
+        y = act(x)
+    assert y.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(y, want)
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.float(), 2 * torch.relu(x.float()),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_star_relu_keeps_one_activation_for_backward():
+    """The formula's autograd keeps ``relu(x)`` and ``relu(x) ** 2``; ours
+    keeps ``relu(x)`` only."""
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+
+    def activations_kept(fn):
+        kept = []
+
+        def pack(t):
+            if t.numel() == x.numel():
+                kept.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x)
+        return len({t.data_ptr() for t in kept})
+
+    act = StarReLU()
+    assert activations_kept(act) == 1
+    assert activations_kept(
+        lambda x: star_relu_formula(x, act.scale, act.bias)) == 2
+
+
+def test_losses_on_stage_features_send_channels_last_gradients():
+    """A loss on the raw features (here ``mean()``, whose gradient is an
+    expanded tensor) reaches every convolution of the fast backbone in
+    channels_last, so that none of them converts it; the gradients are the
+    plain backbone's."""
+    torch.manual_seed(0)
+    fast = MetaFormer(arch=TINY_HYBRID).train()
+    plain = MetaFormer(arch=TINY_HYBRID, impl='plain').train()
+    plain.load_state_dict(fast.state_dict())
+    formats = []
+    for module in fast.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_full_backward_hook(
+                lambda m, gin, gout: formats.append(gout[0].is_contiguous(
+                    memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 64, 96, requires_grad=True)
+    for model in (fast, plain):
+        sum(f.mean() for f in model.stage_features(x)).backward()
+    assert formats and all(formats), formats
+    for (name, a), (_, b) in zip(fast.named_parameters(),
+                                 plain.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_dynamo_traces_every_mixer_in_one_graph(training):
+    """``torch.compile`` sees the whole backbone as one graph (a break, as
+    one from a StarReLU helper would, splits what inductor can fuse), in
+    inference and in training with its gradient hooks; dynamo's own
+    ``eager`` backend keeps this test fast."""
+    arch = dict(layers=[1, 1, 1, 1], embed_dims=[16, 32, 64, 96],
+                token_mixers=['pool', 'sepconv', 'attention', 'identity'])
+    model = MetaFormer(arch).train(training)
+    traced = torch.compile(model.stage_features, fullgraph=True,
+                           backend='eager')
+    x = torch.randn(1, 3, 64, 64)
+    with torch.set_grad_enabled(training):
+        features = traced(x)
+    want = model.stage_features(x)
+    for got, ref in zip(features, want):
+        torch.testing.assert_close(got, ref)
+    if training:
+        sum(f.mean() for f in features).backward()
+        assert model.stages[1].blocks[0].mlp.act.scale.grad is not None
+
+
+@pytest.mark.parametrize('arch', ['poolformerv2_s12', 'convformer_s18',
+                                  'caformer_s18'])
+def test_training_gradients_equal_timms(arch):
+    """Every parameter's gradient, in float64, at a size that is not a
+    multiple of 32: timm's model against ours with its weights."""
+    timm = randomize_metaformer_(timm_model(arch, features_only=True),
+                                 seed=2).train()
+    ours = MetaFormer(arch).train()
+    ours.load_state_dict({k.replace('stages_', 'stages.', 1): v
+                          for k, v in timm.state_dict().items()},
+                         strict=False)
+    x = next(float64_inputs(ours, timm, [(72, 100)]))
+    sum(f.square().mean() for f in ours.stage_features(x)).backward()
+    sum(f.square().mean() for f in timm(x)).backward()
+    theirs = {k.replace('stages_', 'stages.', 1): p.grad
+              for k, p in timm.named_parameters()}
+    for name, p in ours.named_parameters():
+        if name in theirs:
+            torch.testing.assert_close(p.grad, theirs[name], rtol=1e-9,
+                                       atol=1e-12, msg=name)
+    assert len(theirs) == sum(1 for n, _ in ours.named_parameters()
+                              if not n.startswith('norm'))
 
 
 # ----------------------------------------------------------------------------
