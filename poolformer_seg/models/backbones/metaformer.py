@@ -212,10 +212,11 @@ class _StarReLUFunction(torch.autograd.Function):
     """StarReLU with the formula's values and dtype (promoted with the
     scalars, so fp32 under autocast) and a shorter backward.
 
-    Autograd of the formula keeps ``relu(x)`` and ``relu(x) ** 2`` and makes
-    six elementwise passes over them backward; this keeps ``relu(x)`` only
-    and makes four (``d/dx = 2 * scale * relu(x)``, zero where ``x <= 0``).
-    About 9% of a ConvFormer-S18 training step (docs/metaformer.md).
+    Autograd of the formula keeps ``relu(x)`` and ``relu(x) ** 2`` and runs
+    the power's and the ReLU's backward as separate passes; this keeps
+    ``relu(x)`` only and needs no ReLU mask (``d/dx = 2 * scale * relu(x)``
+    is already zero where ``x <= 0``): about 9% of a ConvFormer-S18
+    training step (docs/metaformer.md).
     """
 
     @staticmethod
