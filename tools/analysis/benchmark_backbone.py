@@ -69,19 +69,16 @@ def timm_features_model(arch: str):
     install or which names exist."""
     try:
         import timm
-        from timm.models import metaformer
     except ImportError as error:
         raise SystemExit(
             f'timm could not be imported ({error}); install timm 1.0 and a '
             'torchvision that matches your torch') from error
-    if not callable(getattr(metaformer, arch, None)) or \
-            arch.startswith('_') or arch not in timm.list_models():
-        known = sorted(n for n in timm.list_models()
-                       if n.startswith(('poolformerv2', 'convformer',
-                                        'caformer')))
+    known = [name for name in timm.list_models()
+             if name.startswith(('poolformerv2_', 'convformer_', 'caformer_'))]
+    if arch not in known:
         raise SystemExit(f'arch {arch!r} is not a timm MetaFormer; one of: '
                          f'{", ".join(known)}')
-    return getattr(metaformer, arch)(pretrained=False, features_only=True)
+    return timm.create_model(arch, pretrained=False, features_only=True)
 
 
 def ours_with_weights_of(timm_model, arch: str) -> MetaFormer:
