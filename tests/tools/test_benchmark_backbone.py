@@ -65,13 +65,27 @@ def test_disagreeing_models_are_refused_before_timing(tool, monkeypatch):
         tool.main(['poolformerv2_s12', *TINY_RUN])
 
 
-@pytest.mark.slow
-def test_compiled_rows(tool, tmp_path):
+def test_compiled_rows_compile_timm_and_ours(tool, tmp_path, monkeypatch):
+    """The compiled rows run what ``torch.compile`` returned for timm's model
+    and for our ``stage_features``. Dynamo's ``eager`` backend stands in
+    for inductor, whose compilation takes minutes here;
+    ``test_dynamo_traces_every_mixer_in_one_graph`` checks that ours
+    compiles as one graph."""
+    compiled, real_compile = [], torch.compile
+
+    def compile_with_eager_backend(fn):
+        compiled.append(fn)
+        return real_compile(fn, backend='eager')
+
+    monkeypatch.setattr(tool.torch, 'compile', compile_with_eager_backend)
     out = tmp_path / 'report.json'
     tool.main(['poolformerv2_s12', *TINY_RUN, '--modes', 'infer',
                '--compiled-ours', '--json', str(out)])
     rows = json.loads(out.read_text())['modes']['infer']
     assert list(rows) == ['ours', 'timm', 'timm+compile', 'ours+compile']
+    assert [type(fn).__name__ for fn in compiled] == ['FeatureListNet',
+                                                      'method']
+    assert compiled[1].__name__ == 'stage_features'
 
 
 def test_feature_difference_sees_one_changed_weight(tool):
