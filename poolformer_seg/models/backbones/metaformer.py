@@ -195,6 +195,10 @@ class Scale(nn.Module):
     def forward(self, x):
         return x * self.scale.view(self.shape)
 
+    def add_scaled_(self, out, x):
+        """``out + self(x)`` written into ``out`` (one pass)."""
+        return out.addcmul_(x, self.scale.view(self.shape))
+
 
 class StarReLU(nn.Module):
     """``scale * relu(x) ** 2 + bias`` with two learned scalars."""
@@ -206,6 +210,40 @@ class StarReLU(nn.Module):
 
     def forward(self, x):
         return _StarReLUFunction.apply(x, self.scale, self.bias)
+
+    def forward_(self, x):
+        """The same values computed in ``x``'s memory and dtype (no
+        autograd): for a fresh tensor that nothing else reads."""
+        x = _relu_squared_in_place(x)
+        return x.mul_(self.scale).add_(self.bias)
+
+
+def _relu_squared_in_place(x):
+    x = F.relu_(x)
+    return x.mul_(x)
+
+
+def relu_squared(x):
+    """``relu(x) ** 2`` of a fresh tensor that nothing else reads: in its
+    memory without autograd; with autograd, keeping ``relu(x)`` only."""
+    if torch.is_grad_enabled():
+        return _ReLUSquaredFunction.apply(x)
+    return _relu_squared_in_place(x)
+
+
+class _ReLUSquaredFunction(torch.autograd.Function):
+    """``relu(x) ** 2``, keeping ``relu(x)`` for ``d/dx = 2 relu(x)``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        relu = F.relu(x)
+        ctx.save_for_backward(relu)
+        return relu * relu
+
+    @staticmethod
+    def backward(ctx, grad):
+        relu, = ctx.saved_tensors
+        return grad.mul(relu).mul_(2)
 
 
 class _StarReLUFunction(torch.autograd.Function):
@@ -258,6 +296,20 @@ class Mlp(nn.Module):
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
 
+    def forward_folded(self, x):
+        """The same function with StarReLU's scalars folded into fc2,
+        ``W (s r + b) = (s W) r + b W 1``, so that the hidden map holds
+        ``relu(h) ** 2`` only (:func:`relu_squared`) and the scalars'
+        gradients come from fc2's weight gradient, not from passes over
+        the hidden map."""
+        hidden = relu_squared(self.fc1(x))
+        weight = self.fc2.weight
+        folded_weight = weight * self.act.scale
+        folded_bias = self.act.bias * weight.sum(tuple(range(1, weight.dim())))
+        if weight.dim() == 2:
+            return F.linear(hidden, folded_weight, folded_bias)
+        return F.conv2d(hidden, folded_weight, folded_bias)
+
 
 class Pooling(nn.Module):
     """``avg_pool3x3(x) - x`` (padding excluded), as in PoolFormer."""
@@ -265,6 +317,11 @@ class Pooling(nn.Module):
     def forward(self, x):
         return F.avg_pool2d(x, POOL_SIZE, 1, POOL_SIZE // 2,
                             count_include_pad=False) - x
+
+    def forward_inference(self, x):
+        """The same values, subtracting in the pooled map's memory."""
+        return F.avg_pool2d(x, POOL_SIZE, 1, POOL_SIZE // 2,
+                            count_include_pad=False).sub_(x)
 
 
 class SepConv(nn.Module):
@@ -283,6 +340,10 @@ class SepConv(nn.Module):
 
     def forward(self, x):
         return self.pwconv2(self.dwconv(self.act1(self.pwconv1(x))))
+
+    def forward_inference(self, x):
+        """The same values, StarReLU in place on pwconv1's fresh output."""
+        return self.pwconv2(self.dwconv(self.act1.forward_(self.pwconv1(x))))
 
 
 class Attention(nn.Module):
@@ -307,10 +368,18 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # B x heads x N x 32
         return self.proj(x.transpose(1, 2).reshape(batch, num_tokens, -1))
 
+    forward_inference = forward  # no cheaper form without autograd
+
+
+class Identity(nn.Identity):
+    """The identity mixer (``nn.Identity`` with the mixers' interface)."""
+
+    forward_inference = nn.Identity.forward
+
 
 def build_token_mixer(name: str, channels: int) -> nn.Module:
     if name == 'identity':
-        return nn.Identity()
+        return Identity()
     if name == 'pool':
         return Pooling()
     if name == 'sepconv':
@@ -319,7 +388,15 @@ def build_token_mixer(name: str, channels: int) -> nn.Module:
 
 
 class MetaFormerBlock(nn.Module):
-    """One block (see the module docstring); shape-preserving."""
+    """One block (see the module docstring); shape-preserving.
+
+    With ``fused=True`` (set by the backbone's ``impl='fast'``) the same
+    function takes fewer passes over memory: the MLP's StarReLU scalars are
+    folded into ``fc2`` (:meth:`Mlp.forward_folded`), and without autograd
+    (``torch.no_grad``, ``inference_mode``) each branch also writes into
+    its own fresh tensors (StarReLU in place, the residual added with one
+    ``addcmul_``). The block's input is never written.
+    """
 
     def __init__(self, channels: int, mixer: str, norm: str,
                  mlp_ratio: float, layer_scale: float, res_scale: float,
@@ -341,12 +418,30 @@ class MetaFormerBlock(nn.Module):
             scale(res_scale)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else \
             nn.Identity()
+        self.fused = False
 
     def forward(self, x):
+        if self.fused and not torch.is_grad_enabled():
+            return self._forward_inference(x)
+        mlp = self.mlp.forward_folded if self.fused else self.mlp
         x = self.res_scale1(x) + self.layer_scale1(
             self.drop_path(self.token_mixer(self.norm1(x))))
         return self.res_scale2(x) + self.layer_scale2(
-            self.drop_path(self.mlp(self.norm2(x))))
+            self.drop_path(mlp(self.norm2(x))))
+
+    def _forward_inference(self, x):
+        branch = self.drop_path(
+            self.token_mixer.forward_inference(self.norm1(x)))
+        x = _add_residual_(self.layer_scale1(branch), x, self.res_scale1)
+        branch = self.drop_path(self.mlp.forward_folded(self.norm2(x)))
+        return _add_residual_(self.layer_scale2(branch), x, self.res_scale2)
+
+
+def _add_residual_(branch, x, res_scale):
+    """``res_scale(x) + branch``, written into the fresh ``branch``."""
+    if isinstance(res_scale, Scale):
+        return res_scale.add_scaled_(branch, x)
+    return branch.add_(x)
 
 
 class Stem(nn.Module):
@@ -442,13 +537,15 @@ class MetaFormer(StagedBackbone):
         drop_path_rate (float): stochastic depth, rising linearly from 0 at
             the first block to this value at the last. Default 0.
         with_cp (bool): gradient checkpointing per block. Default False.
-        impl (str): the memory format the same function is computed in
-            (weights and keys are the same): ``'fast'`` (default)
-            channels_last, weights converted and the input converted on
-            entry, the outputs staying channels_last for the neck and head
-            (the same results; eager as fast as NCHW on CPU, and 1.2-1.4x
-            faster under ``torch.compile``: docs/metaformer.md);
-            ``'plain'`` NCHW. :meth:`set_impl` switches a built backbone.
+        impl (str): how the same function is computed (weights and keys
+            are the same): ``'fast'`` (default) in channels_last (weights
+            converted, the input converted on entry, the outputs staying
+            channels_last for the neck and head), with the MLPs'
+            StarReLU scalars folded into ``fc2`` and, without autograd, the
+            blocks computing in place (:class:`MetaFormerBlock`);
+            ``'plain'``: the formulas as written, in NCHW. See
+            docs/metaformer.md for the measurements. :meth:`set_impl`
+            switches a built backbone.
         init_cfg (dict | list[dict], optional): ``dict(type='Pretrained',
             checkpoint=PATH_OR_URL, prefix=None)`` loads timm or sail-sg
             weights (converted on the fly; strict except for the output
@@ -516,9 +613,12 @@ class MetaFormer(StagedBackbone):
 
     def set_impl(self, impl: str) -> 'MetaFormer':
         """Compute with ``impl`` (see the class docstring) from now on:
-        converts the weights' memory format in place. Returns the
-        backbone."""
+        sets every block's ``fused`` and converts the weights' memory format
+        in place. Returns the backbone."""
         self.impl = check_impl(impl, 'MetaFormer')
+        for module in self.modules():
+            if isinstance(module, MetaFormerBlock):
+                module.fused = impl == 'fast'
         self.to(memory_format=impl_memory_format(impl))
         return self
 

@@ -149,6 +149,152 @@ def test_fast_impl_is_the_plain_function_in_channels_last(arch):
     assert fast.stem.conv.weight.is_contiguous()
 
 
+# every mixer, both norms, layer scales and res-scales in every stage
+EVERY_MIXER = dict(layers=[1, 2, 1, 2], embed_dims=[16, 24, 32, 40],
+                   token_mixers=['pool', 'sepconv', 'identity', 'attention'],
+                   norms=['gn', 'ln', 'gn', 'ln'], layer_scale_init_values=1.,
+                   res_scale_init_values=1.)
+
+
+def fast_and_plain(arch, **kwargs):
+    """The fast backbone with random non-trivial weights, and the plain one
+    with the same weights, both in float64."""
+    fast = randomize_metaformer_(MetaFormer(arch, **kwargs), seed=3)
+    plain = MetaFormer(arch, impl='plain', **kwargs)
+    plain.load_state_dict(fast.state_dict())
+    return fast.double(), plain.double()
+
+
+@pytest.mark.parametrize('grad_mode', ['no_grad', 'inference_mode'])
+def test_inference_form_is_the_formulas_function_in_float64(grad_mode):
+    """Without autograd the fast blocks compute in place and fold StarReLU's
+    scalars into the MLP's fc2: the same stage features as the formulas
+    (the plain backbone), to float64 rounding, at a size that is not a
+    multiple of 32; the input is left as it was."""
+    fast, plain = fast_and_plain(EVERY_MIXER)
+    x = torch.randn(2, 3, 75, 101, dtype=torch.float64)
+    before = x.clone()
+    with getattr(torch, grad_mode)():
+        got = fast.eval().stage_features(x)
+        want = plain.eval().stage_features(x)
+    assert torch.equal(x, before)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_inference_form_draws_drop_path_as_the_formulas_do():
+    """In training mode without autograd, drop-path draws the same masks
+    from the same generator in both forms."""
+    fast, plain = fast_and_plain(EVERY_MIXER, drop_path_rate=.5)
+    x = torch.randn(4, 3, 40, 40, dtype=torch.float64)
+    outputs = []
+    for model in (fast, plain):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            outputs.append(model.train().stage_features(x))
+    for g, w in zip(*outputs):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_inference_form_keeps_dtypes_under_autocast():
+    """bf16 autocast: the in-place form gives features of the formulas'
+    dtypes and values within bf16 rounding."""
+    fast, plain = fast_and_plain(EVERY_MIXER)
+    fast.float().eval(), plain.float().eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+        got, want = fast.stage_features(x), plain.stage_features(x)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g.float(), w.float(), rtol=.05,
+                                   atol=.05 * w.abs().max().item())
+
+
+def test_inference_form_allocates_one_hidden_map_per_expansion():
+    """Without autograd a fast ConvFormer block allocates one hidden-sized
+    (expanded) map in the separable convolution's StarReLU and MLP: the
+    first convolution's output, which StarReLU then overwrites; 3 in all
+    with the depthwise convolution's output. The formulas (the plain
+    block) allocate 7: ``relu`` and its square besides."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountAllocations(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.count = numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func._schema.name.endswith('_') and isinstance(
+                    out, torch.Tensor) and out.numel() == self.numel:
+                self.count += 1
+            return out
+
+    # mlp_ratio 2: the MLP's hidden map is the separable convolution's size
+    arch = dict(layers=[1] * 4, embed_dims=[8] * 4,
+                token_mixers=['sepconv'] * 4, mlp_ratios=[2] * 4)
+    x = torch.randn(1, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    for impl, want in [('fast', 3), ('plain', 7)]:
+        block = MetaFormer(arch, impl=impl).eval().stages[0].blocks[0]
+        counter = CountAllocations(2 * x.numel())
+        with torch.no_grad(), counter:
+            block(x)
+        assert counter.count == want, (impl, counter.count)
+
+
+def test_fast_training_gradients_are_the_formulas_in_float64():
+    """With autograd the fast blocks fold the MLP's StarReLU scalars into
+    ``fc2``: the loss, the input's gradient and every parameter's (the
+    scalars' included) equal the formulas', for conv and token MLPs."""
+    fast, plain = fast_and_plain(EVERY_MIXER)
+    x = torch.randn(2, 3, 75, 101, dtype=torch.float64)
+    results = []
+    for model in (fast, plain):
+        inputs = x.clone().requires_grad_()
+        features = model.train().stage_features(inputs)
+        weights = torch.Generator().manual_seed(0)
+        loss = sum((f * torch.randn(f.shape, generator=weights,
+                                    dtype=f.dtype)).sum() for f in features)
+        loss.backward()
+        results.append([loss, inputs.grad] + [
+            p.grad for n, p in model.named_parameters()
+            if not n.startswith('norm')])
+    assert fast.stages[1].blocks[0].mlp.act.scale.grad.abs() > 0
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_fast_mlp_makes_fewer_passes_over_the_hidden_map_in_training():
+    """Forward and backward of a block's MLP: the formulas touch the
+    expanded hidden map in 13 operations (StarReLU's scale and bias, and
+    their gradients, each a pass); with the scalars folded into ``fc2``, 8:
+    fc1, relu, square, fc2, their backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class CountPasses(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.count = numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.count += any(
+                isinstance(t, torch.Tensor) and t.numel() == self.numel
+                for t in tree_flatten((args, kwargs, out))[0])
+            return out
+
+    arch = dict(layers=[1] * 4, embed_dims=[8] * 4,
+                token_mixers=['pool'] * 4)  # mlp_ratio 4
+    x = torch.randn(1, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    for impl, want in [('fast', 8), ('plain', 13)]:
+        block = MetaFormer(arch, impl=impl).train().stages[0].blocks[0]
+        counter = CountPasses(4 * x.numel())
+        with counter:
+            block(x.clone().requires_grad_()).sum().backward()
+        assert counter.count == want, (impl, counter.count)
+
+
 @pytest.mark.parametrize('mixer, timm_mixer, norm, timm_norm', [
     ('identity', 'Identity', 'gn', 'GroupNorm1NoBias'),
     ('attention', 'Attention', 'ln', 'LayerNorm2dNoBias'),
