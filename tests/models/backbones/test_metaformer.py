@@ -196,15 +196,26 @@ def test_inference_form_draws_drop_path_as_the_formulas_do():
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
-def test_inference_form_keeps_dtypes_under_autocast():
-    """bf16 autocast: the in-place form gives features of the formulas'
-    dtypes and values within bf16 rounding."""
+@pytest.mark.parametrize('grad', [False, True])
+def test_fast_forms_keep_dtypes_under_autocast(grad):
+    """bf16 autocast, without autograd (the in-place form) and with it (the
+    folded MLP): the formulas' dtypes, values within bf16 rounding, and
+    gradients of the input's dtype."""
     fast, plain = fast_and_plain(EVERY_MIXER)
     fast.float().eval(), plain.float().eval()
     x = torch.randn(1, 3, 64, 48)
-    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
-        got, want = fast.stage_features(x), plain.stage_features(x)
-    for g, w in zip(got, want):
+    outputs = []
+    for model in (fast, plain):
+        inputs = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad), \
+                torch.autocast('cpu', torch.bfloat16):
+            features = model.stage_features(inputs)
+        if grad:
+            sum(f.float().sum() for f in features).backward()
+            assert inputs.grad.dtype == torch.float32
+            assert model.stages[0].blocks[0].mlp.act.scale.grad.isfinite()
+        outputs.append(features)
+    for g, w in zip(*outputs):
         assert g.dtype == w.dtype
         torch.testing.assert_close(g.float(), w.float(), rtol=.05,
                                    atol=.05 * w.abs().max().item())
