@@ -98,3 +98,22 @@ def test_feature_difference_sees_one_changed_weight(tool):
     with torch.no_grad():
         timm_model.stages_3.blocks[1].mlp.fc2.weight.mul_(1.5)
     assert tool.max_feature_difference(ours, timm_model, x) > 1e-3
+
+
+def test_scalars_are_drawn_away_from_their_initial_values(tool,
+                                                          monkeypatch):
+    """The agreement check runs on StarReLU and res scales that are not 1
+    and 0 (where folding them is exact whether right or wrong), and still
+    finds the two models equal."""
+    checked = []
+    real = tool.max_feature_difference
+    monkeypatch.setattr(tool, 'max_feature_difference', lambda *a: (
+        checked.append(a[0]) or real(*a)))
+    report = tool.run(tool.parse_args(['poolformerv2_s12', *TINY_RUN,
+                                       '--modes', 'infer',
+                                       '--no-compiled-reference']))
+    params = dict(checked[0].named_parameters())
+    act = 'stages.2.blocks.0.mlp.act.'
+    assert params[act + 'scale'] != 1 and params[act + 'bias'] != 0
+    assert not torch.all(params['stages.2.blocks.0.res_scale1.scale'] == 1)
+    assert report['max_feature_difference'] < 1e-5

@@ -3,8 +3,10 @@
     python tools/analysis/benchmark_backbone.py convformer_s18 \\
         --modes train infer --batch-size 2 --size 512 512 --repeats 5
 
-Builds timm's ``features_only`` model of ``arch`` (random initialisation)
-and our ``MetaFormer(arch)`` with timm's weights loaded, in its default
+Builds timm's ``features_only`` model of ``arch`` (random initialisation,
+its scalars drawn as trained weights have them: see
+:func:`randomize_scalars_`) and our ``MetaFormer(arch)`` with timm's
+weights loaded, in its default
 ``impl='fast'``; checks that both give the same stage features; then times,
 the rows taken in turns:
 
@@ -81,6 +83,21 @@ def timm_features_model(arch: str):
     return timm.create_model(arch, pretrained=False, features_only=True)
 
 
+def randomize_scalars_(model, seed: int):
+    """StarReLU scales and biases and the res/layer scales, drawn from
+    U(.5, 1.5) and N(0, .1). timm initialises them to 1 and 0, where our
+    fold of StarReLU's scalars into ``fc2`` is exact whether right or
+    wrong; trained weights are not at their initial values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith('.scale'):
+                param.copy_(torch.rand(param.shape, generator=gen) + .5)
+            elif name.endswith('.bias') and param.numel() == 1:
+                param.copy_(.1 * torch.randn(param.shape, generator=gen))
+    return model
+
+
 def ours_with_weights_of(timm_model, arch: str) -> MetaFormer:
     """Our backbone holding timm's weights (our output norms stay as
     initialised: ``stage_features`` does not use them)."""
@@ -133,7 +150,8 @@ def rows_of(args, ours, timm_model):
 def run(args):
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    timm_model = timm_features_model(args.arch)
+    timm_model = randomize_scalars_(timm_features_model(args.arch),
+                                    args.seed)
     ours = ours_with_weights_of(timm_model, args.arch)
     x = torch.randn(args.batch_size, 3, *args.size)
     time_interleaved = runpy.run_path(
