@@ -58,7 +58,8 @@ from _poolformer_seg_mmcv_lite import (MissingMmcvOpError, UnavailableOp,
 
 __all__ = ['apply', 'full_mmcv_available', 'MissingMmcvOpError',
            'UnavailableOp', 'register_load_state_dict_pre_hook',
-           'torch_safe_globals', 'numpy_core', 'onednn_linear',
+           'torch_safe_globals', 'numpy_core', 'cpu_computes_natively',
+           'onednn_linear',
            'is_compiling', 'autocast_dtype',
            'runner_resume', 'set_runner_load_from', 'built_train_loop',
            'built_eval_loop',
@@ -197,6 +198,24 @@ def numpy_core():
     return getattr(np, '_core', None) or np.core
 
 
+def cpu_computes_natively(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has products in ``dtype`` on this CPU.
+
+    bf16 needs AVX512-BF16 or AMX and fp16 AVX512-FP16 or AMX-FP16; without
+    them oneDNN's bf16/fp16 convolutions run reference kernels, tens of
+    times slower than fp32. Asked through the private
+    ``torch.ops.mkldnn._is_mkldnn_{bf16,fp16}_supported`` (torch >= 2.0);
+    where a check is missing the answer is True, so nothing is refused on a
+    guess. fp32 and fp64 are always native.
+    """
+    name = {torch.bfloat16: '_is_mkldnn_bf16_supported',
+            torch.float16: '_is_mkldnn_fp16_supported'}.get(dtype)
+    if name is None:
+        return True
+    check = getattr(getattr(torch.ops, 'mkldnn', None), name, None)
+    return check is None or bool(check())
+
+
 def onednn_linear(x, weight, bias, gelu: bool):
     """oneDNN's ``x @ weight.T + bias`` (+ GELU) on CPU, or None.
 
@@ -204,15 +223,13 @@ def onednn_linear(x, weight, bias, gelu: bool):
     the op inductor emits for this fusion) takes an fp32 bias with bf16
     operands and applies the GELU to the fp32 accumulator. Returns None where
     the op is missing or the processor has no bf16 products for oneDNN
-    (AVX2-only CPUs, checked by ``_is_mkldnn_bf16_supported``); the caller
+    (AVX2-only CPUs, see :func:`cpu_computes_natively`); the caller
     then computes the same with public ops.
     """
-    mkldnn = getattr(torch.ops, 'mkldnn', None)
-    op = getattr(mkldnn, '_linear_pointwise', None)
-    supported = getattr(mkldnn, '_is_mkldnn_bf16_supported', None)
-    if op is None or supported is None or \
-            not torch.backends.mkldnn.is_available() or \
-            (x.dtype == torch.bfloat16 and not supported()):
+    op = getattr(getattr(torch.ops, 'mkldnn', None), '_linear_pointwise',
+                 None)
+    if op is None or not torch.backends.mkldnn.is_available() or \
+            not cpu_computes_natively(x.dtype):
         return None
     return op(x, weight, bias, 'gelu' if gelu else 'none', [], 'none')
 

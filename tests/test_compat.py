@@ -166,6 +166,18 @@ def test_numpy_core_has_the_pickle_reconstructors():
     assert callable(core.multiarray.scalar)
 
 
+def test_cpu_computes_natively_asks_onednn_and_assumes_yes_without_it(
+        monkeypatch):
+    mkldnn = torch.ops.mkldnn
+    assert compat.cpu_computes_natively(torch.float32)
+    assert compat.cpu_computes_natively(torch.bfloat16) == \
+        mkldnn._is_mkldnn_bf16_supported()
+    assert compat.cpu_computes_natively(torch.float16) == \
+        mkldnn._is_mkldnn_fp16_supported()
+    monkeypatch.setattr(torch.ops, 'mkldnn', None)  # a torch without it
+    assert compat.cpu_computes_natively(torch.bfloat16)
+
+
 @pytest.mark.parametrize('gelu', [False, True])
 def test_onednn_linear_matches_public_ops_or_says_it_is_missing(
         monkeypatch, gelu):

@@ -63,6 +63,7 @@ import time
 
 import poolformer_seg  # noqa: F401  (before torch and mmseg: see its docs)
 import torch
+from poolformer_seg import compat
 from poolformer_seg.engine import add_debug_argument, run_tool
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16,
@@ -89,8 +90,9 @@ def parse_args(argv=None):
     p.add_argument('config', help='segmentor config file')
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
     p.add_argument('--dtype', nargs='+', choices=list(DTYPES),
-                   default=['fp32', 'bf16'],
-                   help='compute dtypes; bf16/fp16 run under autocast')
+                   help='compute dtypes; bf16/fp16 run under autocast '
+                   '(default: fp32, and bf16 where the device computes it '
+                   'natively)')
     p.add_argument('--sizes', nargs='+', type=parse_size,
                    default=[(512, 512)], metavar='HxW')
     p.add_argument('--batch-sizes', nargs='+', type=int, default=[1])
@@ -138,7 +140,37 @@ def parse_args(argv=None):
         p.error('--warmup must be >= 0 and --batch-sizes >= 1')
     if args.device == 'cuda' and not torch.cuda.is_available():
         p.error('--device cuda but torch.cuda.is_available() is False')
+    args.dtype = checked_dtypes(args.dtype, args.device)
     return args
+
+
+def native(device, dtype):
+    """Whether ``device`` computes ``dtype`` products natively."""
+    if device == 'cuda':
+        return dtype != 'bf16' or torch.cuda.is_bf16_supported()
+    return compat.cpu_computes_natively(DTYPES[dtype])
+
+
+def checked_dtypes(requested, device):
+    """``requested``, or by default fp32 plus bf16 where it is native.
+
+    Emulated low precision (bf16 on an AVX2-only CPU) runs oneDNN's
+    reference kernels: one 512x512 reference step then takes many minutes
+    and says nothing about a machine with native bf16. It is left out by
+    default, and runs only when asked for, with a warning.
+    """
+    dtypes = requested or ['fp32'] + ['bf16'] * native(device, 'bf16')
+    emulated = [d for d in dtypes if not native(device, d)]
+    if requested is None and 'bf16' not in dtypes:
+        print(f'benchmark: bf16 left out: this {device} has no native bf16 '
+              'products (an AVX2-only CPU?); --dtype bf16 runs it emulated',
+              file=sys.stderr)
+    elif emulated:
+        print(f'benchmark: warning: --dtype {" ".join(emulated)} is '
+              f'emulated on this {device} (no native products): those rows '
+              'run far slower than fp32 and say nothing about a machine '
+              'with native support', file=sys.stderr)
+    return dtypes
 
 
 # ----------------------------------------------------------------------------

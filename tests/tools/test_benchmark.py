@@ -155,6 +155,22 @@ def test_ours_is_the_fast_config_and_plain_is_one_option(bench):
     assert type(plain.decode_head).__name__ == 'FPNHead'
 
 
+@pytest.mark.parametrize('native_bf16', [True, False])
+def test_bf16_is_timed_by_default_only_where_it_is_native(
+        bench, monkeypatch, capsys, native_bf16):
+    """On an AVX2-only CPU, bf16 is emulated: a 512x512 reference step takes
+    many minutes, so the default leaves it out and says so."""
+    monkeypatch.setattr(bench.compat, 'cpu_computes_natively',
+                        lambda dtype: native_bf16 or dtype == torch.float32)
+    assert bench.parse_args([S12_CONFIG]).dtype == \
+        (['fp32', 'bf16'] if native_bf16 else ['fp32'])
+    assert ('bf16 left out' in capsys.readouterr().err) != native_bf16
+    asked = bench.parse_args([S12_CONFIG, '--dtype', 'fp32', 'bf16'])
+    assert asked.dtype == ['fp32', 'bf16']
+    warned = 'warning: --dtype bf16 is emulated' in capsys.readouterr().err
+    assert warned != native_bf16
+
+
 def test_reference_is_mmseg_as_built_by_mmseg(bench):
     """The reference's neck and head are mmseg's exact classes, built by
     mmseg: none of FastFPNHead's ConvModule settings (efficient conv-bn
