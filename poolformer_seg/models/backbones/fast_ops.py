@@ -49,7 +49,20 @@ import torch.nn.functional as F
 from ...compat import autocast_dtype, is_compiling, onednn_linear
 from ..utils import autocast_off
 
-__all__ = ['fused_block']
+__all__ = ['fused_block', 'runs_fused']
+
+# Where the hand-written backward (:class:`_Block`) runs: the CPU, where it
+# was measured and checked against autograd, and ``meta`` (shapes only). On
+# a CUDA device (torch 2.11, an H200) its fp32 token-mixer gradients
+# disagreed with autograd's while float64 agreed (tests/test_cuda.py), so
+# there a block that needs gradients runs the plain formulas.
+BACKWARD_DEVICES = ('cpu', 'meta')
+
+
+def runs_fused(x) -> bool:
+    """Whether a fused block computes on ``x``: always without autograd,
+    and with autograd on :data:`BACKWARD_DEVICES`."""
+    return x.device.type in BACKWARD_DEVICES or not torch.is_grad_enabled()
 
 
 def _stats(x, eps):

@@ -41,7 +41,7 @@ from ...utils.loading import load_pretrained
 from .base import (NUM_STAGES, StagedBackbone, check_drop_path_rate,
                    check_frozen_stages, check_impl, check_out_indices,
                    impl_memory_format)
-from .fast_ops import fused_block
+from .fast_ops import fused_block, runs_fused
 
 # Published variants. `layer_scale_init_value` is 1e-6 for the deeper ones.
 ARCH_SETTINGS: Dict[str, dict] = {
@@ -153,7 +153,9 @@ class PoolFormerBlock(nn.Module):
     ``impl='fast'``) the same function is computed by
     :func:`.fast_ops.fused_block`: the token-mixer half as one
     pooling and one ``lerp``, the norm affines and layer scales folded into
-    the 1x1 convolutions, and a backward that keeps only the block input.
+    the 1x1 convolutions, and a backward that keeps only the block input
+    (on the CPU; elsewhere a block that needs gradients runs the formulas,
+    :func:`.fast_ops.runs_fused`).
     """
 
     def __init__(self, channels, mlp_ratio, pool_size, norm_cfg,
@@ -172,7 +174,7 @@ class PoolFormerBlock(nn.Module):
             nn.Identity()
 
     def forward(self, x):
-        if self.fused:
+        if self.fused and runs_fused(x):
             return self._forward_fused(x)
         scale1 = self.layer_scale1.view(-1, 1, 1)
         scale2 = self.layer_scale2.view(-1, 1, 1)
@@ -247,9 +249,11 @@ class PoolFormer(StagedBackbone):
             state-dict keys are the same):
 
             - ``'fast'`` (default): each block through the fused operations
-              of :mod:`.fast_ops` (fewer passes over memory, and a backward
-              that keeps only the block input and recomputes the rest, one
-              extra 1x1 convolution), in the channels_last memory format
+              of :mod:`.fast_ops` (fewer passes over memory, and, on the
+              CPU, a backward that keeps only the block input and
+              recomputes the rest, one extra 1x1 convolution; on other
+              devices training runs the formulas), in the channels_last
+              memory format
               (weights converted, the input converted on entry; the outputs
               stay channels_last, so the neck and head run in it too).
               Needs GroupNorm(1) norms with affine parameters (the default

@@ -266,6 +266,38 @@ def test_bare_backbone_is_fast_and_set_impl_switches_it():
             torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
 
 
+def test_hand_written_backward_runs_on_the_cpu_only(monkeypatch):
+    """A fused block that needs gradients runs the hand-written backward on
+    the CPU (and ``meta``) only: on a CUDA device its fp32 token-mixer
+    gradients disagreed with autograd's (tests/test_cuda.py), so there it
+    runs the formulas; without autograd it stays fused everywhere."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from poolformer_seg.models.backbones import fast_ops
+    from poolformer_seg.models.backbones.poolformer import PoolFormerBlock
+    cuda = FakeTensor(FakeTensorMode(), torch.empty(2, 8, 5, 5,
+                                                    device='meta'),
+                      torch.device('cuda'))
+    cpu, meta = torch.empty(2, 8, 5, 5), torch.empty(2, 8, 5, 5,
+                                                     device='meta')
+    with torch.enable_grad():
+        assert fast_ops.runs_fused(cpu) and fast_ops.runs_fused(meta)
+        assert not fast_ops.runs_fused(cuda)
+    with torch.no_grad():
+        assert fast_ops.runs_fused(cuda)
+
+    # the block follows the decision: the formulas, same values
+    block = PoolFormerBlock(8, 4, 3, dict(type='GN', num_groups=1), 0.5,
+                            0., fused=True)
+    x = torch.randn(2, 8, 9, 11, requires_grad=True)
+    fused = block(x)
+    assert fused.grad_fn.name() == '_BlockBackward'
+    monkeypatch.setattr(fast_ops, 'BACKWARD_DEVICES', ('meta', ))
+    plain = block(x)
+    assert plain.grad_fn.name() != '_BlockBackward'
+    torch.testing.assert_close(plain, fused, atol=1e-5, rtol=0)
+
+
 def test_fused_inference_stays_on_the_input_device():
     """FakeTensorMode refuses a CPU tensor meeting a CUDA one: a fused
     block's inference on (fake) CUDA tensors creates nothing on the CPU,
