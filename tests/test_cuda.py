@@ -37,6 +37,7 @@ from torch._dynamo.utils import counters
 import poolformer_seg  # noqa: F401  (before mmseg's models)
 from poolformer_seg.models.segmentors import rowwise_encoder_decoder as rowwise
 from tests.helpers.upstream import randomize_
+from tests.models.segmentors.test_compile import fresh_dynamo  # noqa: F401
 from tests.test_configs import config_path as fpn_config_path
 from tests.test_device_clean import CONFIGS, REPO, SIZE
 
@@ -59,17 +60,6 @@ def exact_fp32():
     yield
     torch.backends.cuda.matmul.allow_tf32 = matmul
     torch.backends.cudnn.allow_tf32 = cudnn
-
-
-@pytest.fixture
-def fresh_dynamo():
-    rowwise._compiled_logits.cache_clear()
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    rowwise._compiled_logits.cache_clear()
-    torch._dynamo.reset()
-    torch._logging.set_logs()
 
 
 def build_pair(name, **options):

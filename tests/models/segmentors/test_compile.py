@@ -83,13 +83,15 @@ def eager(model):
 
 @pytest.fixture
 def fresh_dynamo():
-    """No compiled code or counts left from an earlier test."""
+    """No compiled code, counts or log settings left from an earlier
+    test."""
     rowwise._compiled_logits.cache_clear()
     torch._dynamo.reset()
     counters.clear()
     yield
     rowwise._compiled_logits.cache_clear()
     torch._dynamo.reset()
+    torch._logging.set_logs()
 
 
 @pytest.fixture
