@@ -59,7 +59,8 @@ from _poolformer_seg_mmcv_lite import (MissingMmcvOpError, UnavailableOp,
 __all__ = ['apply', 'full_mmcv_available', 'MissingMmcvOpError',
            'UnavailableOp', 'register_load_state_dict_pre_hook',
            'torch_safe_globals', 'numpy_core', 'cpu_computes_natively',
-           'onednn_linear',
+           'onednn_linear', 'pool_excluding_padding',
+           'pool_excluding_padding_backward',
            'is_compiling', 'autocast_dtype',
            'runner_resume', 'set_runner_load_from', 'built_train_loop',
            'built_eval_loop',
@@ -232,6 +233,50 @@ def onednn_linear(x, weight, bias, gelu: bool):
             not cpu_computes_natively(x.dtype):
         return None
     return op(x, weight, bias, 'gelu' if gelu else 'none', [], 'none')
+
+
+# torch < 2.14 on CUDA (pytorch/pytorch#188344, fixed by PR #188345, merged
+# in July 2026; the first release with the fix is taken to be 2.14): the
+# channels_last kernel of avg_pool2d's backward leaves the padding out of
+# the input coordinates, so a padded pooling's input gradient is silently
+# wrong (the forward is right). Measured on torch 2.11 on an H200: the fused
+# PoolFormer block's input gradient was 30-64% off in every block, with
+# every other gradient right. The NCHW kernel is right.
+_NHWC_POOL_BACKWARD_FIXED = (2, 14)
+
+
+def _pool_backward_needs_nchw(x) -> bool:
+    """Whether the input gradient of a padded pooling of ``x`` must be
+    computed in NCHW: a channels_last ``x`` on CUDA, before the fix."""
+    return (x.device.type == 'cuda' and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not _has_torch(*_NHWC_POOL_BACKWARD_FIXED))
+
+
+def pool_excluding_padding(x, size: int):
+    """``F.avg_pool2d(x, size, 1, size // 2, count_include_pad=False)``,
+    the pooling of PoolFormer's token mixer (odd ``size``).
+
+    Where autograd will differentiate it and :func:`_pool_backward_needs_nchw`,
+    a contiguous copy of ``x`` is pooled, so that the backward runs the
+    correct NCHW kernel; the values are the same.
+    """
+    if x.requires_grad and torch.is_grad_enabled() and \
+            _pool_backward_needs_nchw(x):
+        x = x.contiguous()
+    return torch.nn.functional.avg_pool2d(x, size, 1, size // 2,
+                                          count_include_pad=False)
+
+
+def pool_excluding_padding_backward(grad, x, size: int):
+    """Input gradient of :func:`pool_excluding_padding` at ``x``, given the
+    output gradient ``grad`` (same shape as ``x``); NCHW where
+    :func:`_pool_backward_needs_nchw`, else in ``x``'s memory format."""
+    if _pool_backward_needs_nchw(x):
+        grad, x = grad.contiguous(), x.contiguous()
+    pad = size // 2
+    return torch.ops.aten.avg_pool2d_backward(grad, x, [size, size], [1, 1],
+                                              [pad, pad], False, False, None)
 
 
 def is_compiling() -> bool:

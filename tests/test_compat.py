@@ -254,3 +254,66 @@ def test_is_compiling_inside_and_outside_compile(monkeypatch, public):
     compiled = torch.compile(probe, backend='eager')
     assert torch.equal(compiled(x), x + 1)
     torch._dynamo.reset()
+
+
+def _map_on(device, layout):
+    """A 4-d tensor on ``device`` in the memory format ``layout``: a fake
+    one for CUDA (no CUDA build here)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    x = torch.empty(2, 8, 5, 5, device='cpu' if device == 'cpu' else 'meta'
+                    ).contiguous(memory_format=layout)
+    if device == 'cuda':
+        return FakeTensor(FakeTensorMode(), x, torch.device('cuda'))
+    return x
+
+
+@pytest.mark.parametrize('version, device, layout, nchw', [
+    ('2.11.0+cu130', 'cuda', torch.channels_last, True),
+    ('2.13.0', 'cuda', torch.channels_last, True),
+    ('2.14.0', 'cuda', torch.channels_last, False),
+    ('2.11.0', 'cuda', torch.contiguous_format, False),
+    ('2.11.0', 'cpu', torch.channels_last, False),
+])
+def test_pool_backward_takes_nchw_only_on_cuda_before_the_fix(
+        monkeypatch, version, device, layout, nchw):
+    """pytorch/pytorch#188344: CUDA's channels_last avg-pool backward
+    ignores the padding before torch 2.14; only there is NCHW taken."""
+    monkeypatch.setattr(torch, '__version__', version)
+    assert compat._pool_backward_needs_nchw(_map_on(device, layout)) is nchw
+
+
+def _pooling_reference(x, grad):
+    """Autograd of the padded 3x3 average in float64 NCHW (CPU)."""
+    x = x.detach().double().contiguous().requires_grad_()
+    F.avg_pool2d(x, 3, 1, 1, count_include_pad=False).backward(
+        grad.double().contiguous())
+    return x.grad
+
+
+@pytest.mark.parametrize('nchw_route', [False, True])
+def test_pooling_and_its_backward_on_either_route(monkeypatch, nchw_route):
+    """Both routes of compat's pooling give the padded 3x3 average and its
+    input gradient on a channels_last map; the NCHW route (CUDA before the
+    fix, forced here) returns the gradient in NCHW, the other keeps the
+    input's layout."""
+    monkeypatch.setattr(compat, '_pool_backward_needs_nchw',
+                        lambda x: nchw_route)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, generator=gen).contiguous(
+        memory_format=torch.channels_last)
+    grad = torch.randn(2, 5, 6, 7, generator=gen).contiguous(
+        memory_format=torch.channels_last)
+    want = _pooling_reference(x, grad)
+
+    got = compat.pool_excluding_padding_backward(grad, x, 3)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert got.is_contiguous() is nchw_route
+
+    leaf = x.clone().requires_grad_()
+    pooled = compat.pool_excluding_padding(leaf, 3)
+    torch.testing.assert_close(
+        pooled, F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
+    assert pooled.is_contiguous() is nchw_route  # what autograd will see
+    pooled.backward(grad)
+    torch.testing.assert_close(leaf.grad.double(), want, rtol=1e-5,
+                               atol=1e-6)

@@ -272,7 +272,9 @@ def build_pair(args, device, state=None):
                         strict=True)
     else:
         randomize_(ours, args.seed)
-    models = {'ours': ours}
+    # inference as init_model's model runs it ('auto' compiles on CUDA)
+    from poolformer_seg.apis import for_repeated_inference
+    models = {'ours': for_repeated_inference(ours, device)}
     if args.reference:
         models['reference'] = reference_of(model_cfg, ours)
     return {k: m.to(device) for k, m in models.items()}

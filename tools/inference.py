@@ -39,6 +39,7 @@ from poolformer_seg.apis import (colorize_mask, init_model, overlay_mask,
 from poolformer_seg.datasets import (DataError, check_input_file,
                                      file_problem, scan_folder)
 from poolformer_seg.engine import add_debug_argument, run_tool
+from poolformer_seg.engine.config_check import read_config
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff',
                     '.webp')
@@ -148,6 +149,18 @@ def visualize(model, path: str, name: str, out_dir: str, opacity: float,
     return files
 
 
+def one_pass_compile(args):
+    """``init_model``'s ``compile`` for this tool, which runs each image
+    once: False where the config (after ``--cfg-options``) says ``'auto'``
+    (a compilation costs minutes, more than such a pass gains:
+    ``compile_decision``), else None (the config's True or False)."""
+    cfg = read_config(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    test_cfg = cfg.model.get('test_cfg') or {}
+    return False if test_cfg.get('compile', 'auto') == 'auto' else None
+
+
 def main(argv=None):
     args = parse_args(argv)
     images, skipped = collect_images(args.input)
@@ -159,7 +172,8 @@ def main(argv=None):
     total = len(images) + len(skipped)
     model = init_model(args.config, args.checkpoint, device=args.device,
                        cfg_options=args.cfg_options,
-                       allow_partial=args.allow_partial_load)
+                       allow_partial=args.allow_partial_load,
+                       compile=one_pass_compile(args))
     written, done = [], 0
     for path, name in tqdm(images, desc='segmenting', unit='image',
                            disable=len(images) == 1):

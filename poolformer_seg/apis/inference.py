@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from mmengine.config import Config
+from mmengine.config import Config, ConfigDict
 from mmengine.dataset import Compose
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
@@ -32,10 +32,13 @@ from mmseg.registry import DATASETS, MODELS
 
 from poolformer_seg.datasets.validation import check_input_file
 from poolformer_seg.engine.config_check import check_config, read_config
+from poolformer_seg.models.segmentors.rowwise_encoder_decoder import \
+    compile_decision
 from poolformer_seg.utils.loading import load_segmentor_checkpoint
 
-__all__ = ['build_segmentor', 'init_model', 'inference_model', 'predict_mask',
-           'load_config', 'inference_transforms']
+__all__ = ['build_segmentor', 'init_model', 'for_repeated_inference',
+           'inference_model', 'predict_mask', 'load_config',
+           'inference_transforms']
 
 ImageInput = Union[str, Path, np.ndarray]
 
@@ -113,11 +116,13 @@ def init_model(config, checkpoint: Optional[str] = None,
     ``model.test_step(batch)``, ``mmseg.apis.inference_model``). The
     configs build the fast path (``model.impl='fast'``) and say whether
     inference runs through ``torch.compile``: ``model.test_cfg.compile``,
-    ``'auto'`` by default, which compiles on CUDA and never on CPU. A
-    compiled model pays the compilation (a minute or more) at its first
+    ``'auto'`` by default, which this function turns into True on CUDA
+    (the returned model's setting) and leaves eager on CPU. A compiled model
+    pays the compilation (over two minutes on an H200's host) at its first
     image; one graph then serves every image size. A caller with one image
-    (or a few) skips it with ``compile=False``; ``compile=True`` compiles
-    on CPU too (there it costs one to four minutes and gains 7-12%).
+    (or a few hundred) skips it with ``compile=False``; ``compile=True``
+    compiles on CPU too (there it costs one to four minutes and gains
+    7-12%).
 
     Args:
         config (str | Path | Config): config file or object.
@@ -152,7 +157,21 @@ def init_model(config, checkpoint: Optional[str] = None,
                                        model.decode_head.num_classes)
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    return model.to(device).eval()
+    return for_repeated_inference(model, device).to(device).eval()
+
+
+def for_repeated_inference(model: torch.nn.Module, device) -> torch.nn.Module:
+    """``model``, its ``test_cfg.compile='auto'`` turned into True where
+    a model that serves many images compiles (:func:`~poolformer_seg.
+    models.segmentors.rowwise_encoder_decoder.compile_decision`: CUDA).
+    Other settings, and segmentors without the setting, are left as they
+    are."""
+    setting = getattr(model, 'compile_setting', None)
+    if setting == 'auto' and compile_decision(setting, device):
+        if model.test_cfg is None:
+            model.test_cfg = ConfigDict()
+        model.test_cfg['compile'] = True
+    return model
 
 
 def inference_transforms(cfg: Config) -> List[dict]:

@@ -179,3 +179,27 @@ def test_bad_opacity_is_rejected(load_tool, capsys):
         load_tool('inference.py').parse_args(['c.py', 'k.pth', 'x.jpg',
                                               '--opacity', '1.5'])
     assert '--opacity must be in [0, 1]' in capsys.readouterr().err
+
+
+def test_one_pass_tool_keeps_auto_eager(load_tool, tiny, photos,
+                                        monkeypatch, tmp_path):
+    """The tool runs each image once: a config's ``'auto'`` reaches
+    ``init_model`` as ``compile=False`` (which would otherwise compile on
+    CUDA), an explicit True or False as the config's (None)."""
+    tool = load_tool('inference.py')
+    seen = []
+
+    def init_model(*args, compile=None, **kwargs):
+        seen.append(compile)
+        return real(*args, compile=compile, **kwargs)
+    real = tool.init_model
+    monkeypatch.setattr(tool, 'init_model', init_model)
+    image = osp.join(photos, 'a.jpg')
+    base = [*tiny, image, '--device', 'cpu']
+    tool.main(base + ['--out-dir', str(tmp_path / 'a')])
+    tool.main(base + ['--out-dir', str(tmp_path / 'b'), '--cfg-options',
+                      'model.test_cfg.compile=False'])
+    assert seen == [False, None]
+    parsed = tool.parse_args(base + ['--cfg-options',
+                                     'model.test_cfg.compile=True'])
+    assert tool.one_pass_compile(parsed) is None

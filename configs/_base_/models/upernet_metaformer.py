@@ -51,7 +51,8 @@ model = dict(
         loss_decode=dict(
             type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
     train_cfg=dict(),
-    # compile='auto': torch.compile inference on CUDA only (on CPU it costs
-    # minutes per model and gains <= 7%; docs/inference.md)
+    # compile='auto': torch.compile for repeated inference on CUDA
+    # (poolformer_seg.apis.init_model); tools/test.py and validation run
+    # eager, as a compilation costs minutes (docs/inference.md)
     test_cfg=dict(mode='slide', crop_size=(512, 512), stride=(341, 341),
                   compile='auto'))

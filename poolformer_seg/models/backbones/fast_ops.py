@@ -46,16 +46,21 @@ bias and GELU run inside oneDNN's product, :func:`_linear`).
 import torch
 import torch.nn.functional as F
 
-from ...compat import autocast_dtype, is_compiling, onednn_linear
+from ...compat import (autocast_dtype, is_compiling, onednn_linear,
+                       pool_excluding_padding,
+                       pool_excluding_padding_backward)
 from ..utils import autocast_off
 
 __all__ = ['fused_block', 'runs_fused']
 
 # Where the hand-written backward (:class:`_Block`) runs: the CPU, where it
 # was measured and checked against autograd, and ``meta`` (shapes only). On
-# a CUDA device (torch 2.11, an H200) its fp32 token-mixer gradients
-# disagreed with autograd's while float64 agreed (tests/test_cuda.py), so
-# there a block that needs gradients runs the plain formulas.
+# a CUDA device (torch 2.11, an H200) its input gradients were 30-64% off:
+# CUDA's channels_last avg-pool backward ignored the padding
+# (pytorch/pytorch#188344), which the backward now avoids through
+# :func:`compat.pool_excluding_padding_backward`. CUDA joins this list once
+# ``tests/test_cuda.py::test_hand_written_backward_here`` passes on a GPU;
+# until then a block that needs gradients there runs the plain formulas.
 BACKWARD_DEVICES = ('cpu', 'meta')
 
 
@@ -77,11 +82,6 @@ def _stats(x, eps):
     return mean.view(-1), rstd.view(-1)
 
 
-def _pool(x, pool_size):
-    return F.avg_pool2d(x, pool_size, 1, pool_size // 2,
-                        count_include_pad=False)
-
-
 def _per_sample(v, x):
     return v.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
 
@@ -96,7 +96,7 @@ def _mix(x, c, pool_size):
     pooling's buffer (compiled: a new tensor, as the compiler fuses the
     pooling and the blend anyway, and dynamo refuses ``out=`` in
     ``channels_last``)."""
-    pooled = _pool(x, pool_size)
+    pooled = pool_excluding_padding(x, pool_size)
     if is_compiling():
         return torch.lerp(x, pooled, c)
     return torch.lerp(x, pooled, c, out=pooled)
@@ -198,7 +198,7 @@ class _Block(torch.autograd.Function):
             fw1, fb1, fw2, _ = _fold(p, dtype)
             # recompute the forward up to the GELU input
             c = _mixer_coef(x, coef, rstd1)
-            diff = _pool(x, k)
+            diff = pool_excluding_padding(x, k)
             x1 = torch.lerp(x, diff, c)
             diff.sub_(x)  # P(x) - x
             rows = x1.permute(0, 2, 3, 1)
@@ -226,8 +226,7 @@ class _Block(torch.autograd.Function):
             acc = torch.promote_types(x.dtype, torch.float32)
             s = diff.mul_(grad_x1).sum(dim=(2, 3), dtype=acc)  # dL/dc
             gc = grad_x1 * c
-            grad_x = torch.ops.aten.avg_pool2d_backward(
-                gc, x, [k, k], [1, 1], [k // 2, k // 2], False, False, None)
+            grad_x = pool_excluding_padding_backward(gc, x, k)
             grad_x.add_(grad_x1).sub_(gc)
             # through r = (var + eps)^-1/2: dr/dx = -r^3 (x - mu) / N
             a = (s * coef).sum(1) * rstd1.pow(3) / -x[0].numel()

@@ -39,6 +39,7 @@ import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks import DropPath
 from mmseg.registry import MODELS
 
+from ...compat import pool_excluding_padding
 from ...utils.loading import load_pretrained_metaformer
 from .base import (NUM_STAGES, StagedBackbone, check_drop_path_rate,
                    check_frozen_stages, check_impl, check_out_indices,
@@ -315,13 +316,11 @@ class Pooling(nn.Module):
     """``avg_pool3x3(x) - x`` (padding excluded), as in PoolFormer."""
 
     def forward(self, x):
-        return F.avg_pool2d(x, POOL_SIZE, 1, POOL_SIZE // 2,
-                            count_include_pad=False) - x
+        return pool_excluding_padding(x, POOL_SIZE) - x
 
     def forward_inference(self, x):
         """The same values, subtracting in the pooled map's memory."""
-        return F.avg_pool2d(x, POOL_SIZE, 1, POOL_SIZE // 2,
-                            count_include_pad=False).sub_(x)
+        return pool_excluding_padding(x, POOL_SIZE).sub_(x)
 
 
 class SepConv(nn.Module):

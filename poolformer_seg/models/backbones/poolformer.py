@@ -28,14 +28,14 @@ from typing import Dict, List, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks import DropPath
 from mmengine.logging import print_log
 from mmseg.registry import MODELS
 
-from ...compat import register_load_state_dict_pre_hook
+from ...compat import (pool_excluding_padding,
+                       register_load_state_dict_pre_hook)
 from ...utils.layouts import conversion_message, convert_prefixed_keys
 from ...utils.loading import load_pretrained
 from .base import (NUM_STAGES, StagedBackbone, check_drop_path_rate,
@@ -128,9 +128,7 @@ class Pooling(nn.Module):
         self.pool_size = pool_size
 
     def forward(self, x):
-        pooled = F.avg_pool2d(x, self.pool_size, 1, self.pool_size // 2,
-                              count_include_pad=False)
-        return pooled - x
+        return pool_excluding_padding(x, self.pool_size) - x
 
 
 class Mlp(nn.Module):

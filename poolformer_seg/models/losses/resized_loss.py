@@ -33,9 +33,15 @@ import torch.nn.functional as F
 
 __all__ = ['resized_cross_entropy']
 
-# Pixels x classes per block: about 8 MB of fp32 logits, small enough to be
-# served again from the heap instead of freshly mapped pages.
+# Pixels x classes per block. On the CPU about 8 MB of fp32 logits, small
+# enough to be served again from the heap instead of freshly mapped pages.
 BLOCK_ELEMENTS = 2 ** 21
+# Elsewhere (CUDA) the caching allocator reuses memory and each block costs
+# about 40 kernel launches, which the CPU issues one by one: with the CPU's
+# size, S12 at 512x512 and batch 2 takes 44 blocks, 2,800 launches, twice
+# the rest of its training step. There a block bounds memory only: a whole
+# 512x512 ADE20K image (39M values) in one block.
+ACCELERATOR_BLOCK_ELEMENTS = 2 ** 26
 _EPS = torch.finfo(torch.float32).eps  # mmseg's guard against 0 / 0
 
 
@@ -48,12 +54,17 @@ class _Block(NamedTuple):
     count: int
 
 
+def _block_elements(device: torch.device) -> int:
+    return BLOCK_ELEMENTS if device.type == 'cpu' else \
+        ACCELERATOR_BLOCK_ELEMENTS
+
+
 def _blocks(h: int, out_h: int, out_w: int, num_classes: int,
-            align_corners: bool) -> List[_Block]:
+            align_corners: bool, elements: int) -> List[_Block]:
     if align_corners or out_h % h:
         return [_Block(0, h, out_h, 0, 0, out_h)]
     s = out_h // h
-    step = max(1, BLOCK_ELEMENTS // (s * out_w * num_classes))
+    step = max(1, elements // (s * out_w * num_classes))
     blocks = []
     for a in range(0, h, step):
         b = min(a + step, h)
@@ -72,7 +83,8 @@ def _label_blocks(x, labels, align_corners):
     ``label_rows`` those rows' slice of ``labels``."""
     num_classes, h = x.shape[1:3]
     out_h, out_w = labels.shape[1:]
-    blocks = _blocks(h, out_h, out_w, num_classes, align_corners)
+    blocks = _blocks(h, out_h, out_w, num_classes, align_corners,
+                     _block_elements(x.device))
     for image in range(x.shape[0]):
         for block in blocks:
             resized = F.interpolate(

@@ -12,8 +12,9 @@ memory stays bounded whatever the photo's size.
 ``impl`` is the model's one switch between our fast path (the default) and
 upstream mmseg's computation of the same function (``impl='plain'``, e.g.
 ``--cfg-options model.impl=plain``). ``test_cfg['compile']`` says whether
-inference runs its tensor part through ``torch.compile``
-(:func:`compile_decision`).
+inference runs its tensor part through ``torch.compile`` (True; ``'auto'``
+is decided by whoever builds the model for inference,
+:func:`compile_decision`).
 """
 import copy
 import functools
@@ -46,19 +47,27 @@ def check_compile_setting(value):
     if value is True or value is False or value == 'auto':
         return value
     raise ValueError(f'model.test_cfg.compile={value!r} is not known; '
-                     f"choose 'auto' (compile on CUDA only), True or False")
+                     f"choose 'auto' (compiled by poolformer_seg.apis."
+                     f"init_model on CUDA, eager in the tools), True or "
+                     f"False")
 
 
 def compile_decision(setting, device) -> bool:
-    """Whether inference on ``device`` compiles, for a ``test_cfg['compile']``
-    ``setting``.
+    """Whether a model built for repeated inference on ``device``
+    (:func:`poolformer_seg.apis.init_model`) compiles, for a
+    ``test_cfg['compile']`` ``setting``; a model itself compiles only when
+    its setting is True (:meth:`RowwiseEncoderDecoder.compiles`).
 
-    ``'auto'`` compiles on CUDA only. On CPU the compilation costs about
-    as much as a whole evaluation gains (2 cores, fp32, S12, 512x512): with
-    AVX2 it took 110 s (upstream model) to 245 s (ours) and made inference
-    at most ~7% faster; with AVX-512, 50 s (upstream) and 100 s (ours) for
-    1.12x and 1.10x (ours: 429 against 474 ms), repaid after about 1,000
-    images. On ``meta`` there is nothing to run.
+    ``'auto'`` compiles on CUDA only, and only there: one pass over a
+    validation set (``tools/test.py``, validation in training,
+    ``tools/inference.py``, mmseg's tools) runs eager, because the
+    compilation costs more than such a pass gains. On CUDA (an H200 host,
+    16 cores) the first compilation with dynamic shapes took over two
+    minutes, against milliseconds for an eager forward. On CPU (2 cores,
+    fp32, S12, 512x512) it took 110 s (upstream model) to 245 s (ours) with
+    AVX2 for at most ~7% faster inference; with AVX-512, 50 s (upstream)
+    and 100 s (ours) for 1.12x and 1.10x (ours: 429 against 474 ms),
+    repaid after about 1,000 images. On ``meta`` there is nothing to run.
     """
     setting = check_compile_setting(setting)
     if setting == 'auto':
@@ -277,8 +286,9 @@ class RowwiseEncoderDecoder(EncoderDecoder):
             ``tta_model``, turns it on). Default False: data samples carry
             ``pred_sem_seg`` only.
         test_cfg (dict): mmseg's, plus ``compile``: ``'auto'`` (the
-            default), ``True`` or ``False``. When it resolves to True
-            (:func:`compile_decision`; ``'auto'``: parameters on CUDA),
+            default), ``True`` or ``False``. When True (``'auto'`` becomes
+            True in :func:`poolformer_seg.apis.init_model` on CUDA,
+            :func:`compile_decision`; it stays eager elsewhere),
             inference in eval mode without gradients runs the tensor part
             ``decode_head.forward(extract_feat(x))`` through
             ``torch.compile(dynamic=True)``, compiled on first use, for
@@ -309,12 +319,11 @@ class RowwiseEncoderDecoder(EncoderDecoder):
         return (self.test_cfg or {}).get('compile', 'auto')
 
     def compiles(self) -> bool:
-        """Whether inference now runs compiled: the setting (for the device
-        of the parameters), eval mode, no gradient."""
+        """Whether inference now runs compiled: setting True, eval mode, no
+        gradient."""
         if self.training or torch.is_grad_enabled():
             return False
-        device = next(self.parameters()).device
-        return compile_decision(self.compile_setting, device)
+        return self.compile_setting is True
 
     def _logits(self, inputs):
         if self.compiles():

@@ -82,7 +82,15 @@ def assert_same(a, b, atol, grad_rtol):
 
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('drop_path', [0., .4])
-def test_fused_block_equals_plain_block_float64(channels_last, drop_path):
+@pytest.mark.parametrize('nchw_pool_backward', [False, True])
+def test_fused_block_equals_plain_block_float64(monkeypatch, channels_last,
+                                                drop_path,
+                                                nchw_pool_backward):
+    """Also with the pooling's gradient taken in NCHW, as on CUDA before
+    torch 2.14 (compat.pool_excluding_padding_backward)."""
+    from poolformer_seg import compat
+    monkeypatch.setattr(compat, '_pool_backward_needs_nchw',
+                        lambda x: nchw_pool_backward)
     block = make_block(drop_path=drop_path).train()
     x = torch.randn(3, 6, 5, 7, dtype=torch.float64) * 2 + 1
     if channels_last:

@@ -68,15 +68,24 @@ def test_equals_mmseg(layout, avg_non_ignore, scale):
 def test_blocks_cover_every_label_row_once():
     for h, scale, step_elements in [(9, 4, 300), (10, 2, 50), (7, 3, 10**6),
                                     (1, 4, 1)]:
-        rce.BLOCK_ELEMENTS = step_elements
-        blocks = rce._blocks(h, h * scale, 5, 3, align_corners=False)
+        blocks = rce._blocks(h, h * scale, 5, 3, False, step_elements)
         rows = [r for b in blocks
                 for r in range(b.label_row, b.label_row + b.count)]
         assert rows == list(range(h * scale))
         for b in blocks:
             assert b.out_rows == scale * (b.stop - b.start)
             assert 0 <= b.first and b.first + b.count <= b.out_rows
-    assert len(rce._blocks(9, 36, 5, 3, align_corners=True)) == 1
+    assert len(rce._blocks(9, 36, 5, 3, True, 300)) == 1
+
+
+def test_blocks_are_small_on_the_cpu_and_whole_images_elsewhere():
+    """The CPU takes heap-sized blocks; CUDA, where every block is kernel
+    launches, one block per image for S12's logits at 512x512 (150 x 128 x
+    128)."""
+    assert rce._block_elements(torch.device('cpu')) == rce.BLOCK_ELEMENTS
+    elements = rce._block_elements(torch.device('cuda'))
+    assert elements == rce.ACCELERATOR_BLOCK_ELEMENTS > rce.BLOCK_ELEMENTS
+    assert len(rce._blocks(128, 512, 512, 150, False, elements)) == 1
 
 
 def test_align_corners_and_other_ignore_index():

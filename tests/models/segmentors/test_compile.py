@@ -147,10 +147,11 @@ def test_auto_compiles_on_cuda_only():
     assert compile_decision(False, 'cuda') is False
 
 
-def test_model_decides_by_its_parameters_mode_and_grad():
-    """``compiles()`` reads the device of the parameters: a fake CUDA
-    parameter (no GPU needed) turns ``'auto'`` on; training or a needed
-    gradient turn any setting off."""
+def test_model_compiles_only_when_set_true_in_eval_without_grad():
+    """``compiles()``: a model with ``'auto'`` never compiles itself, even
+    with its parameters on CUDA (a fake CUDA parameter, no GPU needed):
+    ``init_model`` decides that. True compiles in eval mode without
+    gradients only."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     model = tiny_model()
     with torch.no_grad():
@@ -162,16 +163,14 @@ def test_model_decides_by_its_parameters_mode_and_grad():
         fake = FakeTensor(FakeTensorMode(), weight.detach().to('meta'),
                           torch.device('cuda'))
         owner._parameters[attr] = torch.nn.Parameter(fake)
-        assert model.compiles()
-        model.train()
-        assert not model.compiles()
-        model.eval()
-    assert not model.compiles()  # gradients enabled
+        assert not model.compiles()  # auto, CUDA
     forced = tiny_model(compile=True)
     with torch.no_grad():
         assert forced.compiles()
         forced.train()
         assert not forced.compiles()
+        forced.eval()
+    assert not forced.compiles()  # gradients enabled
 
 
 def test_auto_never_compiles_on_cpu(fresh_dynamo):
@@ -197,7 +196,7 @@ def test_training_is_never_compiled(fresh_dynamo):
 
 
 def test_init_model_compile_argument(tmp_path, make_tiny_config,
-                                     fresh_dynamo):
+                                     fresh_dynamo, monkeypatch):
     from poolformer_seg.apis import inference_model, init_model
     from tests.apis.tiny import TINY_MODEL
     config = make_tiny_config(tmp_path / 'tiny.py', **TINY_MODEL)
@@ -211,6 +210,20 @@ def test_init_model_compile_argument(tmp_path, make_tiny_config,
     assert result.pred_sem_seg.data.shape == (1, 70, 90)
     assert counters['frames']['total'] == 0
     assert init_model(config, device='cpu').test_cfg['compile'] == 'auto'
+    # on CUDA 'auto' becomes True (the move to CUDA left out: no GPU)
+    moved, to = [], torch.nn.Module.to
+
+    def to_cuda_stays(self, *args, **kwargs):
+        if args == ('cuda', ):
+            moved.append('cuda')
+            return self
+        return to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.Module, 'to', to_cuda_stays)
+    assert init_model(config, device='cuda').test_cfg['compile'] is True
+    assert init_model(config, device='cuda',
+                      compile=False).test_cfg['compile'] is False
+    assert moved == ['cuda', 'cuda']
+    monkeypatch.undo()
     assert init_model(config, device='cpu',
                       compile=True).test_cfg['compile'] is True
     with pytest.raises(ValueError, match=r'model\.test_cfg\.compile='):
