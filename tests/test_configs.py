@@ -66,7 +66,7 @@ def test_s12_values_match_upstream():
                                       False, [0, 1, 2, 3], [4, 8, 16, 32])
     assert head.loss_decode == dict(type='CrossEntropyLoss',
                                     use_sigmoid=False, loss_weight=1.0)
-    # compile='auto': torch.compile inference on CUDA only
+    # compile='auto': compiled by init_model on CUDA, eager in the tools
     assert model.test_cfg == dict(mode='whole', compile='auto')
 
     assert cfg.optim_wrapper.optimizer == dict(type='AdamW', lr=0.0002,
