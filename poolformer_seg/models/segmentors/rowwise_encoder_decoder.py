@@ -58,12 +58,12 @@ def compile_decision(setting, device) -> bool:
     ``test_cfg['compile']`` ``setting``; a model itself compiles only when
     its setting is True (:meth:`RowwiseEncoderDecoder.compiles`).
 
-    ``'auto'`` compiles on CUDA only, and only there: one pass over a
-    validation set (``tools/test.py``, validation in training,
-    ``tools/inference.py``, mmseg's tools) runs eager, because the
-    compilation costs more than such a pass gains. On CUDA (an H200 host,
-    16 cores) the first compilation with dynamic shapes took over two
-    minutes, against milliseconds for an eager forward. On CPU (2 cores,
+    ``'auto'`` is True on CUDA only. What passes over each image once
+    (``tools/test.py``, validation in training, ``tools/inference.py``,
+    mmseg's tools) keeps ``'auto'`` eager everywhere, because there the
+    compilation costs more than it gains: on CUDA (an H200's host, 16
+    cores) the first compilation with dynamic shapes took over two minutes,
+    against milliseconds for an eager forward. On CPU (2 cores,
     fp32, S12, 512x512) it took 110 s (upstream model) to 245 s (ours) with
     AVX2 for at most ~7% faster inference; with AVX-512, 50 s (upstream)
     and 100 s (ours) for 1.12x and 1.10x (ours: 429 against 474 ms),
