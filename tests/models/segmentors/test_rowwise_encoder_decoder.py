@@ -316,3 +316,70 @@ def test_plain_types_name_the_mmseg_class_each_fast_module_derives_from():
     fast = (FastFPN, FastFPNHead, FastUPerHead, FastFCNHead)
     assert PLAIN_TYPES == {cls.__name__: mmseg_base(cls).__name__
                            for cls in fast}
+
+
+# ----------------------------------------------------------------------------
+# the labels straight from the head's logits (two resizes in one pass)
+
+TWICE = [  # head logits (h, w), resize_to, crop (top, bottom, left, right),
+    # original size
+    ((16, 24), (64, 96), (0, 0, 0, 0), (75, 121)),
+    ((16, 24), (64, 96), (3, 5, 0, 7), (40, 61)),
+    ((13, 9), (52, 36), (0, 0, 0, 0), (52, 36)),
+    ((20, 30), (80, 120), (1, 0, 2, 0), (300, 200)),
+]
+
+
+@pytest.mark.parametrize('flip', [None, 'horizontal', 'vertical'])
+@pytest.mark.parametrize('align_corners', [False, True])
+@pytest.mark.parametrize('case', TWICE)
+def test_twice_resized_argmax_equals_mmseg_resize_crop_flip_resize(
+        case, align_corners, flip):
+    """mmseg's predict_by_feat resize, crop, flip, postprocess resize and
+    arg-max, in one pass: the scores round once instead of twice, so
+    labels may differ only where the best two classes are a few ulps
+    apart."""
+    from poolformer_seg.models.segmentors.rowwise_encoder_decoder import \
+        twice_resized_argmax
+    (h, w), resize_to, (top, bottom, left, right), size = case
+    logits = smooth_logits(150, h, w, seed=h * w + top)
+    scores = F.interpolate(logits[None], size=resize_to, mode='bilinear',
+                           align_corners=align_corners)[0]
+    scores = scores[:, top:resize_to[0] - bottom,
+                    left:resize_to[1] - right]
+    if flip is not None:
+        scores = scores.flip(2 if flip == 'horizontal' else 1)
+    scores = F.interpolate(scores[None], size=size, mode='bilinear',
+                           align_corners=align_corners)[0]
+    ours = twice_resized_argmax(logits, resize_to, (top, bottom, left,
+                                                    right), flip, size,
+                                align_corners)
+    assert ours.shape == size and ours.dtype == torch.long
+    chosen = scores.gather(0, ours[None])[0]
+    best = scores.max(0).values
+    assert torch.all(best - chosen <= 4e-6 * best.abs().clamp_min(1))
+    assert (ours != scores.argmax(0)).float().mean() < 1e-3
+
+
+def test_predict_takes_the_one_pass_labels_and_falls_back_when_too_wide(
+        segmentor, monkeypatch):
+    """The fast segmentor's predict computes labels from the head's logits
+    (no input-size scores); beyond the memory bound it takes mmseg's two
+    steps, with the same labels up to near-ties."""
+    from poolformer_seg.models.segmentors import rowwise_encoder_decoder
+    calls = []
+    real = rowwise_encoder_decoder.twice_resized_argmax
+
+    def spy(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+    monkeypatch.setattr(rowwise_encoder_decoder, 'twice_resized_argmax', spy)
+    inputs = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        one_pass, = segmentor.predict(inputs, samples())
+        assert len(calls) == 1 and calls[0] is not None
+        monkeypatch.setattr(rowwise_encoder_decoder, 'WHOLE_IMAGE_BYTES', 0)
+        two_steps, = segmentor.predict(inputs, samples())
+    assert calls[1] is None
+    differ = (one_pass.pred_sem_seg.data != two_steps.pred_sem_seg.data)
+    assert differ.float().mean() < 1e-3
