@@ -442,9 +442,9 @@ class RowwiseEncoderDecoder(EncoderDecoder):
             resize_to = meta.get('pad_shape', meta['img_shape'])[:2]
         for logits, sample in zip(self._logits(inputs), data_samples):
             crop, flip = _crop_and_flip(sample.metainfo)
-            labels = twice_resized_argmax(
-                logits, resize_to, crop, flip, sample.metainfo['ori_shape'][:2],
-                self.align_corners)
+            size = sample.metainfo['ori_shape'][:2]
+            labels = twice_resized_argmax(logits, resize_to, crop, flip, size,
+                                          self.align_corners)
             if labels is None:  # wider than the bound: the scores, then
                 return super().predict(inputs, data_samples)
             sample.set_data(dict(pred_sem_seg=PixelData(data=labels[None])))
