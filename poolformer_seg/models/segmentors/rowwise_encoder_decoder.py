@@ -440,13 +440,17 @@ class RowwiseEncoderDecoder(EncoderDecoder):
             resize_to = meta['img_shape']
         else:
             resize_to = meta.get('pad_shape', meta['img_shape'])[:2]
-        for logits, sample in zip(self._logits(inputs), data_samples):
+        head_logits = self._logits(inputs)
+        for logits, sample in zip(head_logits, data_samples):
             crop, flip = _crop_and_flip(sample.metainfo)
             size = sample.metainfo['ori_shape'][:2]
             labels = twice_resized_argmax(logits, resize_to, crop, flip, size,
                                           self.align_corners)
-            if labels is None:  # wider than the bound: the scores, then
-                return super().predict(inputs, data_samples)
+            if labels is None:  # wider than the bound: mmseg's two steps
+                return self.postprocess_result(
+                    self.decode_head.predict_by_feat(
+                        head_logits, [s.metainfo for s in data_samples]),
+                    data_samples)
             sample.set_data(dict(pred_sem_seg=PixelData(data=labels[None])))
         return data_samples
 
