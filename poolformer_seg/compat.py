@@ -223,14 +223,17 @@ def onednn_linear(x, weight, bias, gelu: bool):
     ``torch.ops.mkldnn._linear_pointwise`` (torch >= 2.1 built with MKLDNN,
     the op inductor emits for this fusion) takes an fp32 bias with bf16
     operands and applies the GELU to the fp32 accumulator. Returns None where
-    the op is missing or the processor has no bf16 products for oneDNN
-    (AVX2-only CPUs, see :func:`cpu_computes_natively`); the caller
-    then computes the same with public ops.
+    the op is missing, for dtypes other than fp32, bf16 and fp16 (oneDNN has
+    no float64 products), or where the processor has no products in
+    ``x``'s dtype for oneDNN (bf16 on AVX2-only CPUs, see
+    :func:`cpu_computes_natively`); the caller then computes the same with
+    public ops.
     """
     op = getattr(getattr(torch.ops, 'mkldnn', None), '_linear_pointwise',
                  None)
     if op is None or not torch.backends.mkldnn.is_available() or \
-            not cpu_computes_natively(x.dtype):
+            x.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+            or not cpu_computes_natively(x.dtype):
         return None
     return op(x, weight, bias, 'gelu' if gelu else 'none', [], 'none')
 

@@ -190,6 +190,10 @@ def test_onednn_linear_matches_public_ops_or_says_it_is_missing(
     assert (out is not None) == bf16_cpu  # AVX-512 bf16 or AMX: oneDNN's
     if out is not None:
         torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.02)
+    out = compat.onednn_linear(x.float(), weight.float(), bias, gelu)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)  # fp32
+    assert compat.onednn_linear(x.double(), weight.double(), bias.double(),
+                                gelu) is None  # oneDNN has no float64
     monkeypatch.setattr(torch.backends.mkldnn, 'is_available', lambda: False)
     assert compat.onednn_linear(x, weight, bias, gelu) is None
 

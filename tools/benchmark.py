@@ -361,6 +361,11 @@ def time_interleaved(steps, repeats, warmup, device):
     (round robin), and the wall seconds of the first call (at least one
     warm-up call is made: it includes any compilation).
 
+    Each round starts one step further along, so that every step follows
+    every other equally often: a step is slower after one that freed a lot
+    of memory (its allocations fault their pages in again), and in a fixed
+    order that would always hit the same row.
+
     CPU time (all threads) is a second view for loaded machines: with one
     thread it is the compute the step needed, whatever else runs.
     """
@@ -377,8 +382,10 @@ def time_interleaved(steps, repeats, warmup, device):
             if i == 0:
                 first[name] = time.perf_counter() - start
     times = {name: ([], [], first[name]) for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    names = list(steps)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step = steps[name]
             sync()
             start, cpu = time.perf_counter(), time.process_time()
             step()
@@ -486,6 +493,16 @@ def _winograd_switch():
     return winograd, 'ON_THIS_CPU'
 
 
+def _compose_switch():
+    from poolformer_seg.models.necks import fast_fpn
+    return fast_fpn, 'COMPOSE_FINEST'
+
+
+def _onednn_linear_switch():
+    from poolformer_seg.models.backbones import fast_ops
+    return fast_ops, 'ONEDNN_LINEAR'
+
+
 @contextlib.contextmanager
 def _patched(owner, name, value):
     old = getattr(owner, name)
@@ -500,6 +517,12 @@ ABLATIONS = {
     # Winograd F(4x4, 3x3) for the large 3x3 convolutions of neck and head,
     # on where this CPU's instruction set is one of winograd.FASTER_ON
     'winograd': _winograd_switch,
+    # FastFPN's finest output from the composed lateral and output
+    # convolutions plus a transposed convolution of the coarser lateral
+    'compose': _compose_switch,
+    # the fused PoolFormer block's products through oneDNN's fused linear
+    # (bias and GELU inside the product) instead of F.linear + GELU
+    'onednn-linear': _onednn_linear_switch,
 }
 
 

@@ -80,6 +80,17 @@ def test_markdown_and_plot_files(report):
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
 
 
+def test_every_step_follows_every_other_equally_often(bench):
+    """The rounds rotate: a step that runs after one that freed much memory
+    pays for it, and a fixed order would always charge the same row."""
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in 'abc'}
+    times = bench.time_interleaved(steps, repeats=6, warmup=1, device='cpu')
+    timed = calls[3:]  # after one warm-up call each
+    assert timed == list('abc' 'bca' 'cab' 'abc' 'bca' 'cab')
+    assert all(len(times[name][0]) == 6 for name in 'abc')
+
+
 def test_ablation_rows_flip_one_optimisation_and_report_peak(
         bench, tmp_path, narrow_s12_config, monkeypatch):
     """``--ablations`` adds a row per hand-written optimisation, run inside
@@ -87,9 +98,10 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
     where this CPU runs Winograd, ``ours+winograd`` where it does not;
     every row reports its fraction of the measured matrix-product peak."""
     from poolformer_seg.models import winograd
+    others = ['ours-no-compose', 'ours-no-onednn-linear']
     for on, row in ((True, 'ours-no-winograd'), (False, 'ours+winograd')):
         monkeypatch.setattr(winograd, 'ON_THIS_CPU', on)
-        assert list(bench.ablation_rows()) == [row]
+        assert list(bench.ablation_rows()) == [row] + others
         seen = []
         real = bench.make_step
         monkeypatch.setattr(bench, 'make_step', lambda *a, **k: (
@@ -98,6 +110,17 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
                            'cpu')()
         monkeypatch.setattr(bench, 'make_step', real)
         assert seen == [not on] and winograd.ON_THIS_CPU is on
+    from poolformer_seg.models.backbones import fast_ops
+    from poolformer_seg.models.necks import fast_fpn
+    for row, owner, name in ((others[0], fast_fpn, 'COMPOSE_FINEST'),
+                             (others[1], fast_ops, 'ONEDNN_LINEAR')):
+        seen = []
+        monkeypatch.setattr(bench, 'make_step', lambda *a, **k: (
+            lambda: seen.append(getattr(owner, name))))
+        bench.variant_step({'ours': None}, row, 'infer', 'fp32', None, None,
+                           'cpu')()
+        monkeypatch.setattr(bench, 'make_step', real)
+        assert seen == [False] and getattr(owner, name) is True
     out = tmp_path / 'a.json'
     bench.main([narrow_s12_config, '--sizes', '64x64', '--dtype', 'fp32',
                 '--modes', 'infer', '--repeats', '1', '--warmup', '0',
@@ -105,7 +128,7 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
                 '--ablations', '--json', str(out)])
     data = json.loads(out.read_text())
     assert [r['model'] for r in data['records']] == [
-        'ours', 'ours+winograd', 'reference']
+        'ours', 'ours+winograd', *others, 'reference']
     assert data['environment']['matmul_peak_gflops']['fp32'] > 0
     for r in data['records']:
         assert r['peak_fraction'] > 0 and r['first_call_s'] > 0

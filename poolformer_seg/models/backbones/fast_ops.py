@@ -106,26 +106,33 @@ def _compute_dtype(x):
     return autocast_dtype(x.device.type) or x.dtype
 
 
-def _onednn_bf16(device, dtype):
-    """Whether :func:`_linear` runs oneDNN's fused bf16 product, which
-    takes an fp32 bias."""
-    return device.type == 'cpu' and dtype == torch.bfloat16
+ONEDNN_LINEAR = True
+"""Whether :func:`_linear` runs oneDNN's fused product on the CPU (the
+switch of ``tools/benchmark.py --ablations``' row ``ours-no-onednn-linear``;
+off, bf16 takes the same single rounding from an fp32 product)."""
 
 
 def _linear(x, weight, bias, gelu=False):
     """``x @ weight.T + bias`` for ``N x C`` rows, then GELU if ``gelu``;
     ``bias`` in ``x``'s dtype or fp32.
 
-    In bf16 on CPU, oneDNN adds the bias (in fp32, unrounded) and applies
-    the GELU to the fp32 accumulator inside the matrix product (PyTorch's
+    On the CPU, oneDNN adds the bias (in fp32, unrounded) and applies the
+    GELU to the fp32 accumulator inside the matrix product (PyTorch's
     ``mkldnn._linear_pointwise``, the op inductor uses for this fusion):
-    several times faster than three separate passes over the 4x wide
-    hidden rows, and rounded once instead of twice.
+    no separate passes over the 4x wide hidden rows, and in bf16 rounded
+    once instead of twice. ``F.linear`` first writes the broadcast bias
+    into its output and multiplies into it, which made S12's stage-1 ``fc1``
+    (16,384 x 64 -> 256 rows) several times slower in fp32.
     """
-    if _onednn_bf16(x.device, x.dtype):
+    if is_compiling():  # inductor fuses the public ops itself; its
+        # lowering of the oneDNN op needs weights frozen into the graph
+        out = F.linear(x, weight, bias.to(x.dtype))
+        return F.gelu(out) if gelu else out
+    if x.device.type == 'cpu' and ONEDNN_LINEAR:
         out = onednn_linear(x, weight, bias, gelu)
         if out is not None:
             return out
+    if x.device.type == 'cpu' and x.dtype == torch.bfloat16:
         # no bf16 oneDNN products on this CPU (and no speed to gain from
         # bf16 there): the same single rounding, from an fp32 product
         with autocast_off(x.device):
@@ -205,7 +212,7 @@ class _Block(torch.autograd.Function):
             n0 = ((rows - _per_sample(mean2, rows)) *
                   _per_sample(rstd2, rows)).to(dtype)
             del x1
-            h = F.linear(n0, fw1, fb1)
+            h = _linear(n0.reshape(-1, fw1.shape[1]), fw1, fb1)
             # MLP branch, with respect to the folded weights
             g = grad if keep is None else grad * _per_sample(keep, grad)
             g = g.permute(0, 2, 3, 1).to(dtype).reshape(-1, fw2.shape[0])

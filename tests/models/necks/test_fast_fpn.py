@@ -5,6 +5,7 @@ import torch
 from mmseg.models.necks import FPN
 
 from poolformer_seg.models import FastFPN
+from poolformer_seg.models.necks import fast_fpn
 from poolformer_seg.models.necks.fast_fpn import add_nearest_2x_
 from tests.helpers.upstream import randomize_
 
@@ -112,3 +113,132 @@ def test_a_lateral_that_returns_its_input_is_not_written():
 def test_state_dict_is_fpn_s():
     plain, fast = make_pair()
     assert plain.state_dict().keys() == fast.state_dict().keys()
+
+
+# The finest output composed from two cheaper convolutions: input channels
+# few enough (8 * 2 < 5 * 8) for fast_fpn._composes_finest.
+FEW = dict(in_channels=[2, 6, 8, 10], out_channels=8)
+
+
+def few_channel_features(sizes, dtype=torch.float64, requires_grad=False):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(2, c, h, w, generator=gen, dtype=dtype)
+            .requires_grad_(requires_grad)
+            for c, (h, w) in zip(FEW['in_channels'], sizes)]
+
+
+def count_composed(monkeypatch):
+    calls = []
+    original = fast_fpn.composed_finest_output
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(fast_fpn, 'composed_finest_output', counted)
+    return calls
+
+
+@pytest.mark.parametrize('size', [(1, 1), (2, 3), (5, 7)])
+def test_transposed_kernel_is_the_convolution_of_the_upsampled_map(size):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *size, generator=gen, dtype=torch.float64)
+    weight = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+    expected = torch.nn.functional.conv2d(
+        torch.nn.functional.interpolate(x, scale_factor=2.), weight,
+        padding=1)
+    out = torch.nn.functional.conv_transpose2d(
+        x, fast_fpn.upsampled_conv3x3_kernel(weight), stride=2, padding=1)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('sizes', [HALVING, [(2, 2), (1, 1), (1, 1),
+                                             (1, 1)]])
+def test_composed_finest_output_equals_fpn_in_float64(monkeypatch, sizes):
+    plain, fast = make_pair(**FEW)
+    plain.double(), fast.double()
+    calls = count_composed(monkeypatch)
+    lateral_calls = []
+    fast.lateral_convs[0].register_forward_hook(
+        lambda *_: lateral_calls.append(1))
+    inputs = few_channel_features(sizes)
+    kept = [x.clone() for x in inputs]
+    with torch.no_grad():
+        ours, ref = fast(inputs), plain(inputs)
+    assert calls == [1] and lateral_calls == []  # no finest lateral
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for x, y in zip(inputs, kept):
+        assert torch.equal(x, y)
+
+
+def test_composed_finest_output_trains_as_fpn(monkeypatch):
+    plain, fast = make_pair(**FEW)
+    plain.double().train(), fast.double().train()
+    calls = count_composed(monkeypatch)
+    grads, outputs = [], []
+    for neck in (plain, fast):
+        inputs = few_channel_features(HALVING, requires_grad=True)
+        outs = neck(inputs)
+        sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+        outputs.append(outs)
+        grads.append([x.grad for x in inputs] +
+                     [p.grad for p in neck.parameters()])
+    assert calls == [1]
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_composed_finest_output_in_fp32_and_bf16(monkeypatch, channels_last):
+    plain, fast = make_pair(**FEW)
+    calls = count_composed(monkeypatch)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = [x.contiguous(memory_format=fmt)
+              for x in few_channel_features(HALVING, torch.float32)]
+    with torch.no_grad():
+        ref = plain(inputs)
+        ours = fast(inputs)
+        with torch.autocast('cpu', torch.bfloat16):
+            low = fast(inputs)
+    assert len(calls) == 2
+    assert ours[0].is_contiguous(memory_format=fmt)
+    for a, b, c in zip(ours, ref, low):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert c.dtype == torch.bfloat16
+        torch.testing.assert_close(c.float(), b, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize('case', ['channels', 'odd sizes', 'norm',
+                                  'bilinear', 'winograd', 'switched off'])
+def test_finest_output_is_fpn_s_where_composing_does_not_apply(
+        monkeypatch, case):
+    overrides = dict(FEW)
+    sizes = HALVING
+    if case == 'channels':  # 8 * 5 >= 5 * 8: no fewer multiply-adds
+        overrides['in_channels'] = [5, 6, 8, 10]
+    elif case == 'odd sizes':
+        sizes = ODD
+    elif case == 'norm':
+        overrides['norm_cfg'] = dict(type='BN')
+    elif case == 'bilinear':
+        overrides['upsample_cfg'] = dict(mode='bilinear')
+        sizes = EXACT
+    elif case == 'winograd':  # where Winograd is chosen, it stays
+        monkeypatch.setattr(fast_fpn, 'winograd_applies', lambda *a: True)
+    else:
+        monkeypatch.setattr(fast_fpn, 'COMPOSE_FINEST', False)
+    plain, fast = make_pair(**overrides)
+    calls = count_composed(monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(2, c, h, w, generator=gen)
+              for c, (h, w) in zip(overrides['in_channels'], sizes)]
+    with torch.no_grad():
+        ours, ref = fast(inputs), plain(inputs)
+    assert calls == []
+    tolerance = 1e-5 if case == 'norm' else 0  # eval BN folded: rounding
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
