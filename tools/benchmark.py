@@ -55,6 +55,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -361,10 +362,10 @@ def time_interleaved(steps, repeats, warmup, device):
     (round robin), and the wall seconds of the first call (at least one
     warm-up call is made: it includes any compilation).
 
-    Each round starts one step further along, so that every step follows
-    every other equally often: a step is slower after one that freed a lot
-    of memory (its allocations fault their pages in again), and in a fixed
-    order that would always hit the same row.
+    Each round takes the steps in a new order (a seeded shuffle): a step is
+    slower after one that freed a lot of memory (its allocations fault
+    their pages in again), and a fixed or rotated order would always put the
+    same step after the same other one.
 
     CPU time (all threads) is a second view for loaded machines: with one
     thread it is the compute the step needed, whatever else runs.
@@ -382,9 +383,9 @@ def time_interleaved(steps, repeats, warmup, device):
             if i == 0:
                 first[name] = time.perf_counter() - start
     times = {name: ([], [], first[name]) for name in steps}
-    names = list(steps)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+    shuffle = random.Random(0).sample
+    for _ in range(repeats):
+        for name in shuffle(list(steps), len(steps)):
             step = steps[name]
             sync()
             start, cpu = time.perf_counter(), time.process_time()

@@ -65,21 +65,15 @@ MIN_PIXELS = 64 * 64
 with AVX2: 1.6-1.8x faster than oneDNN at 64x64 and 128x128 maps with
 128-256 channels, on par at 37x37)."""
 
-FASTER_ON = ('AVX2', 'AVX512')
+FASTER_ON = ('AVX2',)
 """The CPU capabilities (``torch.backends.cpu.get_cpu_capability()``) on
-which Winograd beats oneDNN in the whole model, measured on 2 cores in
-fp32 with ``tools/benchmark.py --ablations`` (S12, 512x512):
-
-* AVX2: oneDNN's direct convolution 1.6-1.8x slower than Winograd at
-  64x64-128x128 maps of 128-256 channels; the training step 1.68x faster
-  with it.
-* AVX-512 (AMD EPYC, torch 2.13): inference 312-322 against 338-344 ms,
-  the training step of batch 2 2,274-2,427 against 2,734-2,796 ms (two
-  runs each). Alone, Winograd wins most on the 256 -> 256 convolution at
-  128x128 (65 against 104 ms) and loses on the smaller ones by a few ms
-  (0.65-0.9x), which the whole model more than repays.
-
-Other instruction sets are unmeasured and keep oneDNN."""
+which Winograd beats oneDNN. Measured on 2 cores, fp32, 3x3 convolutions
+of 128-256 channels at 64x64-128x128: with AVX2, oneDNN's direct
+convolution is 1.6-1.8x slower than Winograd (S12 training step 1.68x
+faster with it); with AVX-512, oneDNN's runs near the FMA peak (about
+220 GFLOP/s) and Winograd, bound by the memory traffic of its transforms,
+is 0.5-0.95x its speed. Other instruction sets are unmeasured and keep
+oneDNN."""
 
 ON_THIS_CPU = torch.backends.cpu.get_cpu_capability() in FASTER_ON
 """Whether this process's CPU is one of :data:`FASTER_ON`."""

@@ -80,15 +80,18 @@ def test_markdown_and_plot_files(report):
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
 
 
-def test_every_step_follows_every_other_equally_often(bench):
-    """The rounds rotate: a step that runs after one that freed much memory
-    pays for it, and a fixed order would always charge the same row."""
+def test_each_round_takes_the_steps_in_a_new_order(bench):
+    """A step that runs after one that freed much memory pays for it: a
+    fixed order, or a rotated one, would always charge the same step."""
     calls = []
-    steps = {name: (lambda name=name: calls.append(name)) for name in 'abc'}
-    times = bench.time_interleaved(steps, repeats=6, warmup=1, device='cpu')
-    timed = calls[3:]  # after one warm-up call each
-    assert timed == list('abc' 'bca' 'cab' 'abc' 'bca' 'cab')
-    assert all(len(times[name][0]) == 6 for name in 'abc')
+    steps = {name: (lambda name=name: calls.append(name)) for name in 'abcd'}
+    times = bench.time_interleaved(steps, repeats=8, warmup=1, device='cpu')
+    rounds = [calls[i:i + 4] for i in range(4, len(calls), 4)]
+    assert len(rounds) == 8 and all(sorted(r) == list('abcd') for r in rounds)
+    for name in 'abcd':  # preceded by different steps within the rounds
+        before = {r[r.index(name) - 1] for r in rounds if r[0] != name}
+        assert len(before) > 1
+    assert all(len(times[name][0]) == 8 for name in 'abcd')
 
 
 def test_ablation_rows_flip_one_optimisation_and_report_peak(
