@@ -359,8 +359,8 @@ def make_step(model, mode, dtype, images, samples, device, compiled=False):
 
 def time_interleaved(steps, repeats, warmup, device):
     """Wall and process CPU seconds per call of each step, taken in turns
-    (round robin), and the wall seconds of the first call (at least one
-    warm-up call is made: it includes any compilation).
+    (each step once per round), and the wall seconds of the first call (at
+    least one warm-up call is made: it includes any compilation).
 
     Each round takes the steps in a new order (a seeded shuffle): a step is
     slower after one that freed a lot of memory (its allocations fault
