@@ -124,20 +124,18 @@ def _linear(x, weight, bias, gelu=False):
     into its output and multiplies into it, which made S12's stage-1 ``fc1``
     (16,384 x 64 -> 256 rows) several times slower in fp32.
     """
-    if is_compiling():  # inductor fuses the public ops itself; its
-        # lowering of the oneDNN op needs weights frozen into the graph
-        out = F.linear(x, weight, bias.to(x.dtype))
-        return F.gelu(out) if gelu else out
-    if x.device.type == 'cpu' and ONEDNN_LINEAR:
-        out = onednn_linear(x, weight, bias, gelu)
+    # under torch.compile the public ops below: inductor fuses them itself,
+    # and its lowering of the oneDNN op needs weights frozen into the graph
+    if x.device.type == 'cpu' and not is_compiling():
+        out = onednn_linear(x, weight, bias, gelu) if ONEDNN_LINEAR else None
         if out is not None:
             return out
-    if x.device.type == 'cpu' and x.dtype == torch.bfloat16:
-        # no bf16 oneDNN products on this CPU (and no speed to gain from
-        # bf16 there): the same single rounding, from an fp32 product
-        with autocast_off(x.device):
-            out = F.linear(x.float(), weight.float(), bias.float())
-        return (torch.ops.aten.gelu_(out) if gelu else out).to(x.dtype)
+        if x.dtype == torch.bfloat16:
+            # no bf16 oneDNN products on this CPU (and no speed to gain
+            # from bf16 there): the same single rounding, from an fp32 one
+            with autocast_off(x.device):
+                out = F.linear(x.float(), weight.float(), bias.float())
+            return (torch.ops.aten.gelu_(out) if gelu else out).to(x.dtype)
     out = F.linear(x, weight, bias.to(x.dtype))
     return torch.ops.aten.gelu_(out) if gelu else out
 
