@@ -296,6 +296,16 @@ def is_compiling() -> bool:
     return _dynamo.is_compiling()
 
 
+def tensor_version(t: torch.Tensor):
+    """The count of in-place changes to ``t``'s data, or None where torch
+    does not keep one: ``Tensor._version``, private (autograd's check that
+    a saved tensor was not modified reads it) and present in every torch
+    this package supports. An optimizer step, ``load_state_dict`` and any
+    other in-place write raise it."""
+    version = getattr(t, '_version', None)
+    return version if isinstance(version, int) else None
+
+
 # MMEngine's Runner keeps its ``resume``/``load_from`` arguments, the train
 # dataloader config and the randomness config in private attributes, and the
 # infinite iterator of IterBasedTrainLoop is private (mmengine 0.10.x).

@@ -499,13 +499,24 @@ def _compose_switch():
     return fast_fpn, 'COMPOSE_FINEST'
 
 
+def _compose_head_switch():
+    from poolformer_seg.models.necks import fast_fpn
+    return fast_fpn, 'COMPOSE_HEAD'
+
+
+def _keep_weights_switch():
+    from poolformer_seg.models import utils
+    return utils, 'KEEP_DERIVED'
+
+
 def _onednn_linear_switch():
     from poolformer_seg.models.backbones import fast_ops
     return fast_ops, 'ONEDNN_LINEAR'
 
 
 @contextlib.contextmanager
-def _patched(owner, name, value):
+def patched(owner, name, value):
+    """``owner.name = value`` inside the context, restored after it."""
     old = getattr(owner, name)
     setattr(owner, name, value)
     try:
@@ -521,9 +532,15 @@ ABLATIONS = {
     # FastFPN's finest output from the composed lateral and output
     # convolutions plus a transposed convolution of the coarser lateral
     'compose': _compose_switch,
+    # FPNHead's first convolution composed with FPN's finest output, which
+    # is never built (a 5x5 convolution and a transposed one, edges fixed)
+    'compose-head': _compose_head_switch,
     # the fused PoolFormer block's products through oneDNN's fused linear
     # (bias and GELU inside the product) instead of F.linear + GELU
     'onednn-linear': _onednn_linear_switch,
+    # inference's folded and composed weights kept between calls while the
+    # parameters are unchanged (models/utils.derived_weights)
+    'keep-weights': _keep_weights_switch,
 }
 
 
@@ -567,7 +584,7 @@ def variant_step(models, name, mode, dtype, images, samples, device):
     flipped = not getattr(owner, attribute)
 
     def ablated():
-        with _patched(owner, attribute, flipped):
+        with patched(owner, attribute, flipped):
             return step()
     return ablated
 

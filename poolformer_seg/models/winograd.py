@@ -277,6 +277,33 @@ def _conv(conv: nn.Conv2d, x, weight, bias):
                     conv.dilation, conv.groups)
 
 
+def conv_and_weights(module: nn.Module):
+    """``(conv, weight, bias, norm)`` of a ConvModule in the order conv,
+    norm, act without explicit padding, or of an ``nn.Conv2d``: an eval-mode
+    BatchNorm folded into ``weight`` and ``bias`` (``norm`` None), any other
+    norm left to apply after the convolution. None for other modules."""
+    if type(module) is nn.Conv2d:
+        return module, module.weight, module.bias, None
+    if not isinstance(module, ConvModule) or \
+            module.order != ('conv', 'norm', 'act') or \
+            module.with_explicit_padding or type(module.conv) is not nn.Conv2d:
+        return None
+    conv, norm = module.conv, module.norm if module.with_norm else None
+    if norm is not None and _foldable(norm):
+        return (conv, *_folded(conv, norm), None)
+    return conv, conv.weight, conv.bias, norm
+
+
+def finish_conv_module(module: nn.Module, y, norm):
+    """What ``module`` applies after its convolution's output ``y``: the
+    ``norm`` that :func:`conv_and_weights` left, then the activation."""
+    if norm is not None:
+        y = norm(y)
+    if isinstance(module, ConvModule) and module.with_activation:
+        y = module.activate(y)
+    return y
+
+
 def conv_module_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` for a ConvModule (conv, norm, act) or a Conv2d.
 
@@ -285,17 +312,8 @@ def conv_module_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     :func:`winograd_applies`, in training too. Other orders and explicit
     padding run as the module's own forward.
     """
-    if type(module) is nn.Conv2d:
-        return _conv(module, x, module.weight, module.bias)
-    if not isinstance(module, ConvModule) or \
-            module.order != ('conv', 'norm', 'act') or \
-            module.with_explicit_padding or type(module.conv) is not nn.Conv2d:
+    parts = conv_and_weights(module)
+    if parts is None:
         return module(x)
-    conv, norm = module.conv, module.norm if module.with_norm else None
-    if norm is not None and _foldable(norm):
-        y = _conv(conv, x, *_folded(conv, norm))
-    else:
-        y = _conv(conv, x, conv.weight, conv.bias)
-        if norm is not None:
-            y = norm(y)
-    return module.activate(y) if module.with_activation else y
+    conv, weight, bias, norm = parts
+    return finish_conv_module(module, _conv(conv, x, weight, bias), norm)

@@ -101,7 +101,8 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
     where this CPU runs Winograd, ``ours+winograd`` where it does not;
     every row reports its fraction of the measured matrix-product peak."""
     from poolformer_seg.models import winograd
-    others = ['ours-no-compose', 'ours-no-onednn-linear']
+    others = ['ours-no-compose', 'ours-no-compose-head',
+              'ours-no-onednn-linear', 'ours-no-keep-weights']
     for on, row in ((True, 'ours-no-winograd'), (False, 'ours+winograd')):
         monkeypatch.setattr(winograd, 'ON_THIS_CPU', on)
         assert list(bench.ablation_rows()) == [row] + others
@@ -113,10 +114,12 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
                            'cpu')()
         monkeypatch.setattr(bench, 'make_step', real)
         assert seen == [not on] and winograd.ON_THIS_CPU is on
+    from poolformer_seg.models import utils
     from poolformer_seg.models.backbones import fast_ops
     from poolformer_seg.models.necks import fast_fpn
-    for row, owner, name in ((others[0], fast_fpn, 'COMPOSE_FINEST'),
-                             (others[1], fast_ops, 'ONEDNN_LINEAR')):
+    switches = ((fast_fpn, 'COMPOSE_FINEST'), (fast_fpn, 'COMPOSE_HEAD'),
+                (fast_ops, 'ONEDNN_LINEAR'), (utils, 'KEEP_DERIVED'))
+    for row, (owner, name) in zip(others, switches):
         seen = []
         monkeypatch.setattr(bench, 'make_step', lambda *a, **k: (
             lambda: seen.append(getattr(owner, name))))

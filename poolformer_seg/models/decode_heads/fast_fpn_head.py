@@ -3,6 +3,7 @@ import torch
 from mmseg.models.decode_heads import FPNHead
 from mmseg.registry import MODELS
 
+from ..necks.fast_fpn import FinestLevel
 from ..winograd import conv_module_forward
 from .fast_head import FastDecodeHead, resized_like
 
@@ -34,14 +35,16 @@ class FastFPNHead(FastDecodeHead, FPNHead):
         """``FPNHead.forward`` without its no-op resizes: each scale head
         already upsamples to the size of the first, and a bilinear resize to
         the same size only copies. When no gradient needs the summands, the
-        sum is taken in place."""
+        sum is taken in place. A finest level that the neck left uncomputed
+        (:class:`~poolformer_seg.models.necks.fast_fpn.FinestLevel`) goes
+        into the first scale head's convolution composed with it."""
         x = self._transform_inputs(inputs)
         output = self._scale_head(self.scale_heads[0], x[0])
         # any summand may need a gradient (a frozen first scale head, a
         # trainable later one): then nothing is written in place
         in_place = not (torch.is_grad_enabled() and (
-            any(t.requires_grad for t in x) or
-            any(p.requires_grad for p in self.scale_heads.parameters())))
+            output.requires_grad or any(t.requires_grad for t in x[1:]) or
+            any(p.requires_grad for p in self.scale_heads[1:].parameters())))
         for scale_head, feature in zip(self.scale_heads[1:], x[1:]):
             head = resized_like(self._scale_head(scale_head, feature),
                                 output, self.align_corners)
@@ -55,7 +58,12 @@ class FastFPNHead(FastDecodeHead, FPNHead):
     def _scale_head(scale_head, feature):
         """``scale_head(feature)``, its convolutions run by
         :func:`~poolformer_seg.models.winograd.conv_module_forward` (eval
-        BatchNorm folded, Winograd where it pays)."""
-        for module in scale_head:  # ConvModules and Upsamples
+        BatchNorm folded, Winograd where it pays); a ``FinestLevel``
+        ``feature`` through :meth:`~poolformer_seg.models.necks.fast_fpn.
+        FinestLevel.through`."""
+        modules = iter(scale_head)  # ConvModules and Upsamples
+        if isinstance(feature, FinestLevel):
+            feature = feature.through(next(modules))
+        for module in modules:
             feature = conv_module_forward(module, feature)
         return feature

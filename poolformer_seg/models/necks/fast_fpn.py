@@ -1,5 +1,7 @@
 """Semantic FPN's neck with an in-place top-down path and a cheaper finest
 level; same results."""
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -8,8 +10,9 @@ from mmseg.models.necks import FPN
 from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 
-from ..utils import autocast_off
-from ..winograd import conv_module_forward, winograd_applies
+from ..utils import autocast_off, derived_weights
+from ..winograd import (conv_and_weights, conv_module_forward,
+                        finish_conv_module, winograd_applies)
 
 COMPOSE_FINEST = True
 """Whether :class:`FastFPN` computes its finest output by
@@ -36,29 +39,92 @@ def add_nearest_2x_(fine: torch.Tensor, coarse: torch.Tensor):
 
 
 def _phase_taps(weight):
-    """Along the last axis, the 4 taps of a transposed convolution (stride
-    2, padding 1) equal to the 3 taps ``weight`` applied to a nearest 2x
-    upsampled signal.
+    """Along the last axis, the ``n + 1`` taps of a transposed convolution
+    (stride 2, padding ``n // 2``) equal to the ``n`` taps ``weight`` (``n``
+    odd) applied to a nearest 2x upsampled signal.
 
-    Output ``2i - 1 .. 2i + 2`` of the transposed convolution receives
-    input ``i`` through taps ``0 .. 3``. In the 3-tap convolution of the
-    upsampled signal ``u`` (``u[2i] = u[2i + 1] = x[i]``), output ``2i - 1``
-    reads ``x[i]`` through ``weight[2]``, ``2i`` through ``weight[1]`` and
-    ``weight[2]``, ``2i + 1`` through ``weight[0]`` and ``weight[1]``, and
-    ``2i + 2`` through ``weight[0]``. Zero padding agrees at the borders:
-    outside the image both read nothing."""
-    w0, w1, w2 = weight.unbind(-1)
-    return torch.stack((w2, w1 + w2, w0 + w1, w0), -1)
+    With ``u[2i] = u[2i + 1] = x[i]``, input ``i`` reaches each output
+    through the one or two taps that read ``u[2i]`` or ``u[2i + 1]`` from
+    there: the outermost outputs through one end tap, the others through the
+    sum of two neighbouring taps, in reverse order (for 3 taps, outputs
+    ``2i - 1 .. 2i + 2`` get ``w2, w1 + w2, w0 + w1, w0``). Zero padding
+    agrees at the borders: outside the image both read nothing."""
+    padded = F.pad(weight, (1, 1))
+    return (padded[..., :-1] + padded[..., 1:]).flip(-1)
 
 
-def upsampled_conv3x3_kernel(weight):
-    """``Cin x Cout x 4 x 4`` kernel ``k`` with ``conv_transpose2d(x, k,
-    stride=2, padding=1) == conv2d(nearest_2x(x), weight, padding=1)`` for
-    a ``Cout x Cin x 3 x 3`` ``weight`` (no bias): 4 instead of 9
-    multiply-adds per output pixel and channel pair, and no upsampled copy.
-    """
+def upsampled_conv_kernel(weight):
+    """``Cin x Cout x (k + 1) x (k + 1)`` kernel ``K`` with
+    ``conv_transpose2d(x, K, stride=2, padding=k // 2) == conv2d(
+    nearest_2x(x), weight, padding=k // 2)`` for a ``Cout x Cin x k x k``
+    ``weight``, ``k`` odd (no bias): ``(k + 1)^2 / 4`` instead of ``k^2``
+    multiply-adds per output pixel and channel pair (4 instead of 9 for a
+    3x3), and no upsampled copy."""
     taps = _phase_taps(_phase_taps(weight).transpose(2, 3)).transpose(2, 3)
     return taps.transpose(0, 1)
+
+
+def composed_kernel(outer, inner):
+    """``Cout x Cin x (a + b - 1) x (a + b - 1)`` kernel of
+    ``conv2d(conv2d(x, inner, padding=b // 2), outer, padding=a // 2)``
+    for ``outer``: ``Cout x M x a x a`` and ``inner``: ``M x Cin x b x b``
+    (no biases), at the outputs whose ``a x a`` window lies inside the image:
+    at the others the outer padding reads zeros where the composed kernel
+    reads the inner convolution's extension. Tap ``t`` is the sum over
+    ``s`` of ``outer[s] @ inner[t - s]``: a convolution of ``inner``'s
+    taps with the flipped ``outer``."""
+    return F.conv2d(inner.transpose(0, 1), outer.flip(2, 3),
+                    padding=outer.shape[-1] - 1).transpose(0, 1)
+
+
+def _memory_format(x):
+    """The memory format for weights that convolve ``x``: a convolution
+    follows its weight's."""
+    if not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _lateral_composed(fpn_conv, lateral_conv):
+    """``fpn_conv``'s 3x3 weight composed with the 1x1 ``lateral_conv``:
+    ``C x Cin x 3 x 3``."""
+    return (fpn_conv.weight.permute(0, 2, 3, 1)
+            @ lateral_conv.weight.flatten(1)).permute(0, 3, 1, 2)
+
+
+def _biased_coarse(lateral_conv, coarse_lateral):
+    """The coarse lateral plus the finer lateral's bias: a constant is its
+    own nearest upsampling, and zero padding is the same for both."""
+    if lateral_conv.bias is None:
+        return coarse_lateral
+    return coarse_lateral + lateral_conv.bias.view(-1, 1, 1)
+
+
+def _sum(a, b):
+    return a + b if torch.is_grad_enabled() else a.add_(b)
+
+
+def _finest_kernels(fpn_conv: nn.Conv2d, lateral_conv: nn.Conv2d, like):
+    """The two kernels of :func:`composed_finest_output`, in the weights'
+    dtype and ``like``'s memory format."""
+    fmt = _memory_format(like)
+    with autocast_off(like.device):
+        composed = _lateral_composed(fpn_conv, lateral_conv)
+        kernel = upsampled_conv_kernel(fpn_conv.weight)
+    return (composed.contiguous(memory_format=fmt),
+            kernel.contiguous(memory_format=fmt))
+
+
+def _finest_output(level, kernels):
+    """:func:`composed_finest_output` of a :class:`FinestLevel` with its
+    :func:`_finest_kernels`."""
+    composed, kernel = kernels
+    out = F.conv2d(level.feature, composed, level.fpn_conv.bias, padding=1)
+    upsampled = F.conv_transpose2d(
+        _biased_coarse(level.lateral_conv, level.coarse_lateral), kernel,
+        stride=2, padding=1)
+    return _sum(out, upsampled)
 
 
 def composed_finest_output(fpn_conv: nn.Conv2d, lateral_conv: nn.Conv2d,
@@ -70,48 +136,189 @@ def composed_finest_output(fpn_conv: nn.Conv2d, lateral_conv: nn.Conv2d,
       convolution of ``feature``'s ``Cin`` channels instead of the ``C``
       lateral ones;
     * ``fpn_conv`` of the upsampled coarser lateral as a transposed
-      convolution of the coarse map (:func:`upsampled_conv3x3_kernel`),
-      into which the lateral bias goes (a constant is its own nearest
-      upsampling, and zero padding is the same for both).
+      convolution of the coarse map (:func:`upsampled_conv_kernel`),
+      into which the lateral bias goes (:func:`_biased_coarse`).
 
     ``(9 Cin + 4 C) C`` instead of ``(Cin + 9 C) C`` multiply-adds per
     pixel. Exact in arithmetic; in floating point the products are summed
     in another order (float64: equal to 1e-12, tests).
     """
-    # the weights in the input's layout: a convolution follows its weight's
-    fmt = torch.channels_last if not feature.is_contiguous() and \
-        feature.is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
-    with autocast_off(feature.device):  # composed in the weights' dtype
-        composed = (fpn_conv.weight.permute(0, 2, 3, 1)
-                    @ lateral_conv.weight.flatten(1)).permute(0, 3, 1, 2)
-        composed = composed.contiguous(memory_format=fmt)
-        kernel = upsampled_conv3x3_kernel(fpn_conv.weight).contiguous(
-            memory_format=fmt)
-    out = F.conv2d(feature, composed, fpn_conv.bias, padding=1)
-    if lateral_conv.bias is not None:
-        coarse_lateral = coarse_lateral + lateral_conv.bias.view(-1, 1, 1)
-    upsampled = F.conv_transpose2d(coarse_lateral, kernel, stride=2,
-                                   padding=1)
-    if torch.is_grad_enabled():
-        return out + upsampled
-    return out.add_(upsampled)
+    level = FinestLevel(fpn_conv, lateral_conv, feature, coarse_lateral)
+    kernels = derived_weights(
+        fpn_conv, 'finest_kernels', [fpn_conv.weight, lateral_conv.weight],
+        lambda: _finest_kernels(fpn_conv, lateral_conv, feature),
+        _memory_format(feature))
+    return _finest_output(level, kernels)
 
 
-def _bare_conv(module, kernel_size: int):
-    """The ``nn.Conv2d`` of a ConvModule that is only a convolution with a
-    ``kernel_size`` square kernel, stride 1, 'same' zero padding, no
-    dilation and no groups; else None."""
-    if not isinstance(module, ConvModule) or module.with_norm or \
-            module.with_activation or module.with_explicit_padding:
-        return None
-    conv = module.conv
+COMPOSE_HEAD = True
+"""Whether :meth:`FinestLevel.through` composes a following 3x3
+convolution with the finest output where that needs fewer multiply-adds
+(the switch of ``tools/benchmark.py --ablations``' row
+``ours-no-compose-head``)."""
+
+
+@dataclasses.dataclass
+class FinestLevel:
+    """FPN's finest output, ``fpn_conv(lateral_conv(feature) +
+    nearest_2x(coarse_lateral))``, not yet computed.
+
+    :class:`FastFPN` returns it in place of that output when asked
+    (``defer_finest=True``; :class:`~poolformer_seg.models.segmentors.
+    RowwiseEncoderDecoder` asks for :class:`~poolformer_seg.models.
+    decode_heads.FastFPNHead`, whose first scale head reads only this
+    level), so that the convolution which reads it can be composed with
+    the two that make it (:meth:`through`). ``feature`` is the finest
+    backbone feature (``B x Cin x H x W``), ``coarse_lateral`` the coarser
+    level's lateral after the top-down sum (``B x C x H/2 x W/2``).
+    """
+    fpn_conv: nn.Conv2d
+    lateral_conv: nn.Conv2d
+    feature: torch.Tensor
+    coarse_lateral: torch.Tensor
+
+    def compute(self) -> torch.Tensor:
+        """The finest output (:func:`composed_finest_output`)."""
+        return composed_finest_output(self.fpn_conv, self.lateral_conv,
+                                      self.feature, self.coarse_lateral)
+
+    def through(self, module: nn.Module) -> torch.Tensor:
+        """``module(self.compute())`` for a ConvModule (conv, norm, act) or
+        an ``nn.Conv2d``; its convolution composed with the finest output's
+        (:func:`composed_conv_of_finest`) where :meth:`composes_with`."""
+        if not self.composes_with(module):
+            return conv_module_forward(module, self.compute())
+        _, weight, bias, norm = conv_and_weights(module)
+        sources = [*self.fpn_conv.parameters(),
+                   *self.lateral_conv.parameters(), *module.parameters(),
+                   *module.buffers()]
+        kernels = derived_weights(
+            module, 'composed_with_finest', sources,
+            lambda: composed_kernels(self, weight, bias),
+            _memory_format(self.feature))
+        out = composed_conv_of_finest(self, kernels)
+        return finish_conv_module(module, out, norm)
+
+    def composes_with(self, module: nn.Module) -> bool:
+        """Whether :meth:`through` composes: :data:`COMPOSE_HEAD`, a 3x3
+        'same' convolution in a ConvModule of the usual order (or alone),
+        fewer multiply-adds per pixel (``25 Cin K`` against ``(9 Cin + 4 C)
+        C + 9 C K`` minus the ``9 C K`` both share, for ``K`` output
+        channels), and no Winograd for it (:func:`composed_finest_output`'s
+        conditions)."""
+        parts = conv_and_weights(module)
+        if not COMPOSE_HEAD or parts is None or \
+                _plain_conv(parts[0], 3) is None:
+            return False
+        conv, feature = parts[0], self.feature
+        cin, width = feature.shape[1], self.fpn_conv.out_channels
+        return (25 * cin * conv.out_channels < (9 * cin + 4 * width) * width
+                and not winograd_applies(conv, feature))
+
+
+def _fine_sum_edge(level: FinestLevel, dim: int, index: int):
+    """``lateral_conv(feature) + nearest_2x(coarse_lateral)``, the map
+    that FPN's output convolution reads, on one row (``dim=2``) or column
+    (``dim=3``) of the finest level: ``B x C x length``."""
+    lateral = level.lateral_conv
+    fine = F.conv1d(level.feature.select(dim, index),
+                    lateral.weight.flatten(2), lateral.bias)
+    coarse = level.coarse_lateral.select(dim, index // 2)
+    return fine + coarse.repeat_interleave(2, dim=-1)
+
+
+def _subtract_outside_(out, level: FinestLevel, weight):
+    """Take from ``out``'s outermost rows and columns what the composed
+    kernel read outside the image: the finest output extended by one pixel
+    (its convolution of the zero-padded map, plus its bias), where
+    ``weight``'s own zero padding reads nothing.
+
+    Outside the top row, the extension reads only the map's first row,
+    through the output convolution's bottom taps: a 1D convolution along
+    that row, ``W + 2`` long (the corners included), then ``weight``'s top
+    taps along it. The same for the other three sides, the corners counted
+    once (with the rows)."""
+    fpn_weight, fpn_bias = level.fpn_conv.weight, level.fpn_conv.bias
+    for dim, pad in ((2, 2), (3, 1)):  # rows with corners, then columns
+        last = out.shape[dim] - 1
+        for index, outer_tap in ((0, 0), (last, 2)):
+            inner_tap = 2 - outer_tap  # the taps that reach inside
+            edge = _fine_sum_edge(level, dim, index)
+            extension = F.conv1d(edge, fpn_weight.select(dim, inner_tap),
+                                 fpn_bias, padding=pad)
+            read = F.conv1d(extension, weight.select(dim, outer_tap),
+                            padding=2 - pad)
+            out.select(dim, index).sub_(read)
+    return out
+
+
+def composed_kernels(level: FinestLevel, weight, bias):
+    """What :func:`composed_conv_of_finest` convolves with, for a ``K x C x
+    3 x 3`` ``weight`` and its ``bias`` (or None) applied to the finest
+    output: ``(on_feature, on_coarse, inner_bias, weight)``, in the weights'
+    dtype and the feature's memory format."""
+    fpn_conv, lateral_conv = level.fpn_conv, level.lateral_conv
+    fmt = _memory_format(level.feature)
+    with autocast_off(level.feature.device):
+        on_feature = composed_kernel(
+            weight, _lateral_composed(fpn_conv, lateral_conv))
+        on_coarse = upsampled_conv_kernel(composed_kernel(weight,
+                                                          fpn_conv.weight))
+        inner_bias = bias
+        if fpn_conv.bias is not None:
+            through = weight.sum((2, 3)) @ fpn_conv.bias
+            inner_bias = through if bias is None else bias + through
+    return (on_feature.contiguous(memory_format=fmt),
+            on_coarse.contiguous(memory_format=fmt), inner_bias, weight)
+
+
+def composed_conv_of_finest(level: FinestLevel, kernels):
+    """``conv2d(level.compute(), weight, bias, padding=1)`` for a
+    ``K x C x 3 x 3`` ``weight``, with the finest output never built
+    (``kernels``: :func:`composed_kernels` of ``weight`` and ``bias``):
+
+    * away from the border, the three convolutions compose
+      (:func:`composed_kernel`): a 5x5 convolution of the finest feature's
+      ``Cin`` channels with ``weight`` composed with FPN's lateral and output
+      convolutions, plus a transposed convolution of the coarse lateral by
+      ``weight`` composed with FPN's output convolution and upsampled
+      (:func:`upsampled_conv_kernel`: 9 taps), FPN's output bias
+      summed through ``weight``'s taps;
+    * on the outermost rows and columns, where ``weight``'s padding reads
+      zeros but the composed kernel the finest output's extension, that
+      extension's contribution taken off (:func:`_subtract_outside_`: 1D
+      convolutions along the four edges).
+
+    ``(25 Cin + 9 C) K`` multiply-adds per pixel instead of ``(9 Cin + 4 C)
+    C + 9 C K``. Exact in arithmetic (float64: equal to 1e-10, tests).
+    """
+    on_feature, on_coarse, inner_bias, weight = kernels
+    out = F.conv2d(level.feature, on_feature, inner_bias, padding=2)
+    out = _sum(out, F.conv_transpose2d(
+        _biased_coarse(level.lateral_conv, level.coarse_lateral), on_coarse,
+        stride=2, padding=2))
+    return _subtract_outside_(out, level, weight)
+
+
+def _plain_conv(conv, kernel_size: int):
+    """``conv`` if it is an ``nn.Conv2d`` with a ``kernel_size`` square
+    kernel, stride 1, 'same' zero padding, no dilation and no groups; else
+    None."""
     if type(conv) is not nn.Conv2d or conv.padding_mode != 'zeros' or \
             conv.kernel_size != (kernel_size, kernel_size) or \
             conv.stride != (1, 1) or conv.dilation != (1, 1) or \
             conv.groups != 1 or conv.padding != (kernel_size // 2,) * 2:
         return None
     return conv
+
+
+def _bare_conv(module, kernel_size: int):
+    """The :func:`_plain_conv` of a ConvModule that is only a convolution
+    (no norm, no activation, no explicit padding); else None."""
+    if not isinstance(module, ConvModule) or module.with_norm or \
+            module.with_activation or module.with_explicit_padding:
+        return None
+    return _plain_conv(module.conv, kernel_size)
 
 
 @MODELS.register_module()
@@ -141,7 +348,11 @@ class FastFPN(FPN):
     Layers, arguments and state-dict keys are ``FPN``'s.
     """
 
-    def forward(self, inputs):
+    def forward(self, inputs, defer_finest: bool = False):
+        """``FPN.forward``; with ``defer_finest``, the finest output is a
+        :class:`FinestLevel` where :func:`composed_finest_output` would
+        compute it (for a head that composes it with its own convolution),
+        a tensor elsewhere."""
         if self.num_outs > len(self.lateral_convs):
             return super().forward(inputs)
         assert len(inputs) == len(self.in_channels)
@@ -157,9 +368,10 @@ class FastFPN(FPN):
         outs = [conv_module_forward(self.fpn_convs[i], laterals[i])
                 for i in range(first, len(laterals))]
         if first:
-            outs.insert(0, composed_finest_output(
-                self.fpn_convs[0].conv, self.lateral_convs[0].conv,
-                features[0], laterals[1]))
+            finest = FinestLevel(self.fpn_convs[0].conv,
+                                 self.lateral_convs[0].conv, features[0],
+                                 laterals[1])
+            outs.insert(0, finest if defer_finest else finest.compute())
         return tuple(outs)
 
     def _composes_finest(self, features) -> bool:

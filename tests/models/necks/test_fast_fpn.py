@@ -2,6 +2,9 @@
 place, and never writes into its inputs."""
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn import ConvModule
 from mmseg.models.necks import FPN
 
 from poolformer_seg.models import FastFPN
@@ -139,18 +142,40 @@ def count_composed(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize('kernel', [3, 5])
 @pytest.mark.parametrize('size', [(1, 1), (2, 3), (5, 7)])
-def test_transposed_kernel_is_the_convolution_of_the_upsampled_map(size):
+def test_transposed_kernel_is_the_convolution_of_the_upsampled_map(size,
+                                                                   kernel):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, *size, generator=gen, dtype=torch.float64)
-    weight = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
-    expected = torch.nn.functional.conv2d(
-        torch.nn.functional.interpolate(x, scale_factor=2.), weight,
-        padding=1)
-    out = torch.nn.functional.conv_transpose2d(
-        x, fast_fpn.upsampled_conv3x3_kernel(weight), stride=2, padding=1)
+    weight = torch.randn(4, 3, kernel, kernel, generator=gen,
+                         dtype=torch.float64)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2.), weight,
+                        padding=kernel // 2)
+    out = F.conv_transpose2d(x, fast_fpn.upsampled_conv_kernel(weight),
+                             stride=2, padding=kernel // 2)
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('inner_size', [1, 3])
+def test_composed_kernel_is_both_convolutions_away_from_the_border(
+        inner_size):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, 11, generator=gen, dtype=torch.float64)
+    inner = torch.randn(5, 3, inner_size, inner_size, generator=gen,
+                        dtype=torch.float64)
+    outer = torch.randn(4, 5, 3, 3, generator=gen, dtype=torch.float64)
+    kernel = fast_fpn.composed_kernel(outer, inner)
+    size = inner_size + 2
+    assert kernel.shape == (4, 3, size, size)
+    both = F.conv2d(F.conv2d(x, inner, padding=inner_size // 2), outer,
+                    padding=1)
+    composed = F.conv2d(x, kernel, padding=size // 2)
+    torch.testing.assert_close(composed[..., 1:-1, 1:-1],
+                               both[..., 1:-1, 1:-1], rtol=0, atol=1e-12)
+    # a 1x1 inner convolution of the padding is zero: exact everywhere
+    assert torch.allclose(composed, both) == (inner_size == 1)
 
 
 @pytest.mark.parametrize('sizes', [HALVING, [(2, 2), (1, 1), (1, 1),
@@ -242,3 +267,151 @@ def test_finest_output_is_fpn_s_where_composing_does_not_apply(
     tolerance = 1e-5 if case == 'norm' else 0  # eval BN folded: rounding
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+
+
+def finest_level(sizes=(8, 6), channels=(3, 16), dtype=torch.float64,
+                 requires_grad=False, seed=0):
+    """A ``FinestLevel`` over random 1x1 lateral and 3x3 output
+    convolutions and random features of ``sizes`` (the finest)."""
+    gen = torch.Generator().manual_seed(seed)
+    cin, width = channels
+    lateral, output = nn.Conv2d(cin, width, 1), nn.Conv2d(width, width, 3,
+                                                          padding=1)
+    for conv in (lateral, output):
+        conv.to(dtype)
+        with torch.no_grad():
+            for p in conv.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+    height, width_px = sizes
+    feature = torch.randn(2, cin, height, width_px, generator=gen,
+                          dtype=dtype).requires_grad_(requires_grad)
+    coarse = torch.randn(2, width, height // 2, width_px // 2, generator=gen,
+                         dtype=dtype).requires_grad_(requires_grad)
+    return fast_fpn.FinestLevel(output, lateral, feature, coarse)
+
+
+def head_conv(in_channels=16, out_channels=6, dtype=torch.float64, **kwargs):
+    """A scale head's ConvModule (3x3, BN, ReLU) with random weights and
+    BN statistics."""
+    kwargs = {'kernel_size': 3, 'padding': 1, 'norm_cfg': dict(type='BN'),
+              **kwargs}
+    module = ConvModule(in_channels, out_channels, **kwargs).to(dtype)
+    randomize_(module, 1)
+    return module
+
+
+def two_steps(level, module):
+    """The finest output as FPN computes it, then ``module``."""
+    lateral = level.lateral_conv(level.feature)
+    upsampled = F.interpolate(level.coarse_lateral, scale_factor=2.)
+    return module(level.fpn_conv(lateral + upsampled))
+
+
+def count_head_compositions(monkeypatch):
+    calls = []
+    original = fast_fpn.composed_conv_of_finest
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(fast_fpn, 'composed_conv_of_finest', counted)
+    return calls
+
+
+@pytest.mark.parametrize('training', [False, True])
+@pytest.mark.parametrize('sizes', [(2, 2), (2, 6), (8, 6), (10, 14)])
+def test_finest_level_through_a_head_conv_equals_both_steps_in_float64(
+        monkeypatch, sizes, training):
+    """The composed convolution, with its four edges corrected, equals FPN's
+    finest output followed by the ConvModule (eval BN folded, or training
+    BN after it): outputs and every gradient, in float64."""
+    calls = count_head_compositions(monkeypatch)
+    results = []
+    for composed in (True, False):
+        level = finest_level(sizes, requires_grad=True)
+        module = head_conv().train(training)
+        out = level.through(module) if composed else two_steps(level,
+                                                               module)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype)
+        (out * weights.view_as(out)).sum().backward()
+        params = [level.feature, level.coarse_lateral, *module.parameters(),
+                  *level.fpn_conv.parameters(),
+                  *level.lateral_conv.parameters()]
+        results.append((out, [p.grad for p in params]))
+    (ours, our_grads), (ref, ref_grads) = results
+    assert calls == [1]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    for a, b in zip(our_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_finest_level_through_a_head_conv_in_fp32_and_bf16(monkeypatch,
+                                                          channels_last):
+    calls = count_head_compositions(monkeypatch)
+    level = finest_level((16, 12), dtype=torch.float32)
+    module = head_conv(dtype=torch.float32).eval()
+    if channels_last:
+        level.feature = level.feature.contiguous(
+            memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = two_steps(level, module)
+        ours = level.through(module)
+        with torch.autocast('cpu', torch.bfloat16):
+            low = level.through(module)
+    assert len(calls) == 2 and low.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
+    scale = ref.abs().max()
+    assert (low.float() - ref).abs().max() < 0.02 * scale
+
+
+@pytest.mark.parametrize('case', ['switched off', '1x1', 'dilated',
+                                  'more multiply-adds', 'winograd'])
+def test_finest_level_is_computed_first_where_composing_does_not_apply(
+        monkeypatch, case):
+    kwargs = {}
+    if case == 'switched off':
+        monkeypatch.setattr(fast_fpn, 'COMPOSE_HEAD', False)
+    elif case == '1x1':
+        kwargs = dict(kernel_size=1, padding=0)
+    elif case == 'dilated':
+        kwargs = dict(dilation=2, padding=2)
+    elif case == 'more multiply-adds':  # 25 * 3 * 20 >= (27 + 64) * 16
+        kwargs = dict(out_channels=20)
+    else:
+        monkeypatch.setattr(fast_fpn, 'winograd_applies', lambda *a: True)
+    calls = count_head_compositions(monkeypatch)
+    level = finest_level()
+    module = head_conv(**kwargs).eval()
+    with torch.no_grad():
+        ours, ref = level.through(module), two_steps(level, module)
+    assert calls == [] and not level.composes_with(module)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+
+
+def test_forward_defers_the_finest_output_only_when_asked():
+    plain, fast = make_pair(**FEW)
+    fast.double()
+    inputs = few_channel_features(HALVING)
+    with torch.no_grad():
+        deferred, computed = fast(inputs, defer_finest=True), fast(inputs)
+    assert isinstance(deferred[0], fast_fpn.FinestLevel)
+    assert all(isinstance(x, torch.Tensor) for x in computed)
+    torch.testing.assert_close(deferred[0].compute(), computed[0], rtol=0,
+                               atol=0)
+    for a, b in zip(deferred[1:], computed[1:]):
+        assert torch.equal(a, b)
+
+
+def test_composed_finest_output_follows_changed_weights():
+    plain, fast = make_pair(**FEW)
+    plain.double(), fast.double()
+    inputs = few_channel_features(HALVING)
+    for step in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(fast(inputs)[0], plain(inputs)[0],
+                                       rtol=0, atol=1e-12)
+            for neck in (plain, fast):
+                neck.fpn_convs[0].conv.weight.mul_(-2)
+                neck.lateral_convs[0].conv.weight.add_(1)

@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mmengine.registry import init_default_scope
+from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
 import poolformer_seg  # noqa: F401
 from poolformer_seg.models.segmentors.rowwise_encoder_decoder import (
     RowwiseEncoderDecoder, resized_argmax, source_positions)
+from tests.helpers.upstream import randomize_
 
 # (input h, w) -> (output H, W): up, down, odd, equal, one row/column
 SIZES = [((17, 23), (101, 131)), ((33, 45), (333, 340)),
@@ -383,3 +385,117 @@ def test_predict_takes_the_one_pass_labels_and_falls_back_when_too_wide(
     assert calls[1] is None
     differ = (one_pass.pred_sem_seg.data != two_steps.pred_sem_seg.data)
     assert differ.float().mean() < 1e-3
+
+
+def composing_segmentors(**extra):
+    """A small S12-layout segmentor whose head composes FPN's finest output
+    (8 input, 32 FPN and 8 head channels), fast and plain, equal weights,
+    in float64."""
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+
+    from tests.conftest import S12_CONFIG
+    init_default_scope('mmseg')
+    cfg = Config.fromfile(S12_CONFIG)
+    cfg.model.backbone.init_cfg = None
+    cfg.model.backbone.arch = dict(layers=[1, 1, 1, 1],
+                                   embed_dims=[8, 16, 32, 64])
+    cfg.model.neck.update(in_channels=[8, 16, 32, 64], out_channels=32)
+    cfg.model.decode_head.update(in_channels=[32] * 4, channels=8,
+                                 num_classes=5)
+    cfg.model.update(extra)
+    models = []
+    for impl in ('fast', 'plain'):
+        cfg.model.impl = impl
+        torch.manual_seed(0)
+        models.append(revert_sync_batchnorm(MODELS.build(cfg.model)).double())
+    fast, plain = models
+    with torch.no_grad():
+        randomize_(plain, 0)
+    fast.load_state_dict(plain.state_dict())
+    return fast, plain
+
+
+def test_the_head_composes_fpns_finest_output_in_inference_and_training(
+        monkeypatch):
+    """The FPN configs' segmentor leaves FPN's finest output to the head,
+    which composes it with its first convolution: in inference (logits) and
+    in training (loss and every gradient), the plain model's results in
+    float64."""
+    from poolformer_seg.models.necks import fast_fpn
+    calls = []
+    original = fast_fpn.composed_conv_of_finest
+    monkeypatch.setattr(fast_fpn, 'composed_conv_of_finest',
+                        lambda *a: calls.append(1) or original(*a))
+    fast, plain = composing_segmentors()
+    assert fast.defers_finest() and not plain.defers_finest()
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 40, 72, generator=gen, dtype=torch.float64)
+    batch = []
+    for label in torch.randint(0, 5, (2, 1, 40, 72), generator=gen):
+        sample = SegDataSample(metainfo=dict(img_shape=(40, 72),
+                                             pad_shape=(40, 72)))
+        sample.gt_sem_seg = PixelData(data=label)
+        batch.append(sample)
+    metas = [s.metainfo for s in batch]
+    with torch.no_grad():
+        fast.eval(), plain.eval()
+        torch.testing.assert_close(fast.encode_decode(images, metas),
+                                   plain.encode_decode(images, metas),
+                                   rtol=0, atol=1e-10)
+    assert calls == [1]
+    grads = []
+    for model in (fast, plain):
+        model.train()
+        torch.manual_seed(0)
+        loss = model.loss(images, batch)['decode.loss_ce']
+        loss.backward()
+        grads.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    assert calls == [1, 1]
+    (loss, ours), (ref_loss, ref) = grads
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for name, grad in ref.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-8, atol=1e-10,
+                                   msg=name)
+
+
+def test_an_auxiliary_head_gets_the_finest_output_computed():
+    fcn = dict(type='FastFCNHead', in_channels=32, in_index=0, channels=8,
+               num_convs=1, concat_input=False, num_classes=5)
+    fast, _ = composing_segmentors(auxiliary_head=fcn)
+    assert not fast.defers_finest()
+    images = torch.randn(1, 3, 40, 72, dtype=torch.float64)
+    features = fast.head_inputs(images)
+    assert all(isinstance(x, torch.Tensor) for x in features)
+
+
+def test_inference_follows_changed_weights():
+    """The weights that inference derives and keeps between calls (folded
+    blocks, the composed head kernels) are derived again after the weights
+    change: by ``load_state_dict`` and by a training step."""
+    fast, plain = composing_segmentors()
+    images = torch.randn(1, 3, 40, 72, dtype=torch.float64)
+    metas = [dict(img_shape=(40, 72), pad_shape=(40, 72))]
+
+    def agree():
+        fast.eval(), plain.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fast.encode_decode(images, metas),
+                                       plain.encode_decode(images, metas),
+                                       rtol=0, atol=1e-10)
+
+    agree()
+    with torch.no_grad():
+        randomize_(plain, 1)
+    fast.load_state_dict(plain.state_dict())
+    agree()
+    for model in (fast, plain):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        sample = SegDataSample(metainfo=metas[0])
+        sample.gt_sem_seg = PixelData(
+            data=torch.zeros(1, 40, 72, dtype=torch.long))
+        torch.manual_seed(0)  # the same dropout mask in the head
+        model.loss(images, [sample])['decode.loss_ce'].backward()
+        optimizer.step()
+    agree()
