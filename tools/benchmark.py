@@ -515,8 +515,7 @@ def _onednn_linear_switch():
 
 
 @contextlib.contextmanager
-def patched(owner, name, value):
-    """``owner.name = value`` inside the context, restored after it."""
+def _patched(owner, name, value):
     old = getattr(owner, name)
     setattr(owner, name, value)
     try:
@@ -584,7 +583,7 @@ def variant_step(models, name, mode, dtype, images, samples, device):
     flipped = not getattr(owner, attribute)
 
     def ablated():
-        with patched(owner, attribute, flipped):
+        with _patched(owner, attribute, flipped):
             return step()
     return ablated
 

@@ -279,36 +279,3 @@ def test_benchmark_eval_runs_both_routes_on_equal_weights(
     for row in rows:
         assert float(row[1]) > 0 and int(row[4]) == 0  # wall s; compiled
     assert float(rows[0][5]) == float(rows[1][5])  # mIoU
-
-
-@pytest.mark.slow
-def test_benchmark_eval_ablation_rows_run_ours_with_the_switch_off(
-        load_tool, tmp_path, capsys, narrow_s12_config, monkeypatch):
-    """``--ablations`` adds ``ours-no-banded-resize``: ours' test loop with
-    the banded width product off (one dense product) and the switch
-    restored after it; the labels, and so the mIoU, are the same."""
-    from poolformer_seg.models.segmentors import rowwise_encoder_decoder
-    tool = load_tool('analysis/benchmark_eval.py')
-    seen = []
-    real = rowwise_encoder_decoder._banded_product
-    monkeypatch.setattr(rowwise_encoder_decoder, '_banded_product',
-                        lambda *a: seen.append('banded') or real(*a))
-    real_test = tool.evaluate
-
-    def evaluate(cfg, data_root, work_dir, variant, *args):
-        seen.append(variant)
-        return real_test(cfg, data_root, work_dir, variant, *args)
-
-    monkeypatch.setattr(tool, 'evaluate', evaluate)
-    tool.main([narrow_s12_config, '--num-images', '2', '--threads', '1',
-               '--ablations', '--work-dir', str(tmp_path / 'work')])
-    rows = [line.split('|')[1:-1] for line in capsys.readouterr().out
-            .splitlines() if line.startswith('| ours') or
-            line.startswith('| reference')]
-    assert [r[0].strip() for r in rows] == ['ours', 'reference',
-                                            'ours-no-banded-resize']
-    assert len({float(r[5]) for r in rows}) == 1  # mIoU
-    ours = seen[seen.index('ours') + 1:seen.index('reference')]
-    ablated = seen[seen.index('ours-no-banded-resize') + 1:]
-    assert ours == ['banded'] * 2 and ablated == []
-    assert rowwise_encoder_decoder.BANDED_RESIZE is True

@@ -21,7 +21,6 @@ A benchmark, not a test: nothing is asserted (docs/benchmark.md has the
 figures).
 """
 import argparse
-import contextlib
 import copy
 import importlib.util
 import os
@@ -56,26 +55,11 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--work-dir', help='where the images go (default: a '
                    'temporary folder)')
-    p.add_argument('--ablations', action='store_true',
-                   help='one more row per optimisation of ABLATIONS: ours '
-                   'with it turned off')
     add_debug_argument(p)
     args = p.parse_args(argv)
     if args.num_images < 1 or args.repeats < 1:
         p.error('--num-images and --repeats must be >= 1')
     return args
-
-
-def _banded_resize_switch():
-    from poolformer_seg.models.segmentors import rowwise_encoder_decoder
-    return rowwise_encoder_decoder, 'BANDED_RESIZE'
-
-
-ABLATIONS = {
-    # the width product of the labels' two resizes over the resize
-    # matrix's band only (tools/benchmark.py's ablations cover the model)
-    'banded-resize': _banded_resize_switch,
-}
 
 
 def _compiled_graphs():
@@ -95,25 +79,18 @@ def _runner(cfg, data_root, work_dir):
 
 
 def evaluate(cfg, data_root, work_dir, variant, bench, seed):
-    """One ``Runner.test()`` with ``variant`` ('ours', 'reference' or
-    ``'ours-no-<ablation>'``); returns ``(wall seconds, graphs compiled,
-    metrics)``."""
+    """One ``Runner.test()`` with ``variant`` ('ours' or 'reference');
+    returns ``(wall seconds, graphs compiled, metrics)``."""
     from mmengine.model import revert_sync_batchnorm
     runner = _runner(cfg, data_root, work_dir)
     ours = revert_sync_batchnorm(runner.model)
     bench.randomize_(ours, seed)
-    runner.model = bench.reference_of(cfg.model, ours) \
-        if variant == 'reference' else ours
-    switched_off = contextlib.nullcontext()
-    if variant.startswith('ours-no-'):
-        owner, name = ABLATIONS[variant[len('ours-no-'):]]()
-        switched_off = bench.patched(owner, name, False)
+    runner.model = ours if variant == 'ours' else bench.reference_of(
+        cfg.model, ours)
     graphs = _compiled_graphs()
-    with switched_off:
-        start = time.perf_counter()
-        metrics = runner.test()
-        wall = time.perf_counter() - start
-    return wall, _compiled_graphs() - graphs, metrics
+    start = time.perf_counter()
+    metrics = runner.test()
+    return time.perf_counter() - start, _compiled_graphs() - graphs, metrics
 
 
 def main(argv=None):
@@ -127,8 +104,6 @@ def main(argv=None):
         data_root = osp.join(root, 'data')
         make_ade_dataset(data_root, 1, args.num_images, args.seed, 300, 600)
         results = {'ours': [], 'reference': []}
-        if args.ablations:
-            results.update({f'ours-no-{name}': [] for name in ABLATIONS})
         for _ in range(args.repeats):
             for variant in results:
                 results[variant].append(evaluate(

@@ -284,37 +284,6 @@ def _interpolation_matrix(in_size: int, out_size: int, align_corners: bool,
     return matrix
 
 
-BANDED_RESIZE = True
-"""Whether :func:`twice_resized_argmax` multiplies along the width by
-:func:`_banded_product` (the switch of ``tools/analysis/benchmark_eval.py
---ablations``' row ``ours-no-banded-resize``; off, one dense product)."""
-
-BAND_BLOCK = 64
-"""Output columns per product in :func:`_banded_product`: a resize matrix
-has at most 4 nonzero columns per row (two composed bilinear resizes), so a
-block of 64 rows of one that upsamples up to 4x reads about 20 columns,
-instead of all of them in one dense product."""
-
-
-def _banded_product(matrix, x):
-    """``matrix @ x`` for a resize ``matrix`` (CPU, float64, ``n x k``,
-    each row's nonzero columns a few neighbours that move forward from row
-    to row) and ``x`` (``B x k x C``, any device): for each block of
-    :data:`BAND_BLOCK` rows, one product over the columns that the block
-    reads; the zeros it skips add nothing. ``B x n x C`` in ``x``'s dtype.
-    """
-    nonzero = matrix != 0
-    matrix = matrix.to(x.device, x.dtype)
-    out = x.new_empty(x.shape[0], matrix.shape[0], x.shape[2])
-    for start in range(0, matrix.shape[0], BAND_BLOCK):
-        rows = slice(start, start + BAND_BLOCK)
-        columns = nonzero[rows].any(0).nonzero()
-        first, last = int(columns[0]), int(columns[-1]) + 1
-        out[:, rows] = torch.matmul(matrix[rows, first:last],
-                                    x[:, first:last])
-    return out
-
-
 def twice_resized_argmax(logits: torch.Tensor, resize_to, crop, flip,
                          size, align_corners: bool) -> Optional[torch.Tensor]:
     """The labels of mmseg's prediction from head-resolution logits:
@@ -326,10 +295,9 @@ def twice_resized_argmax(logits: torch.Tensor, resize_to, crop, flip,
 
     Both resizes are linear per class, so the scores are ``Ah L Aw^T``
     with ``Ah`` (``H x h``) and ``Aw`` (``W x w``) the composed matrices
-    (3-4 taps per row): products along the width for all classes over the
-    band of ``Aw`` (:func:`_banded_product`), then, for blocks of output
-    rows, one along the height over the input rows the block needs, and the
-    arg-max. The scores are rounded once
+    (3-4 taps per row): one matrix product along the width for all classes,
+    then, for blocks of output rows, one along the height over the input
+    rows the block needs, and the arg-max. The scores are rounded once
     where mmseg rounds twice (labels can differ only where the two best
     classes are within a few ulps); nothing of ``C x H x W`` is built.
     Returns None when the width product, ``C x h x W``, would exceed
@@ -358,9 +326,8 @@ def twice_resized_argmax(logits: torch.Tensor, resize_to, crop, flip,
     # h x W x classes: a block of output rows is then one product, and the
     # arg-max runs over contiguous classes (2.7x faster than over a middle
     # dimension on the CPU)
-    pixels = logits.to(dtype).permute(1, 2, 0)
-    wide = _banded_product(along_w, pixels) if BANDED_RESIZE else \
-        torch.matmul(along_w.to(device, dtype), pixels)
+    wide = torch.matmul(along_w.to(device, dtype),
+                        logits.to(dtype).permute(1, 2, 0))
     wide = wide.view(height, out_w * classes)
     used = along_h != 0
     along_h = along_h.to(device, dtype)
