@@ -12,10 +12,10 @@ from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
-from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 from tests.conftest import REPO
+from tests.helpers.heads import eval_logits, labelled_batch
 from tests.helpers.upstream import randomize_
 
 VARIANTS = ('s12', 's24', 's36', 'm36', 'm48')
@@ -238,19 +238,10 @@ def test_fast_config_computes_the_plain_config(variant):
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 96, 128, generator=gen)
-    labels = torch.randint(0, 150, (2, 1, 96, 128), generator=gen)
-    batch = []
-    for label in labels:
-        sample = SegDataSample(metainfo=dict(img_shape=(96, 128),
-                                             pad_shape=(96, 128)))
-        sample.gt_sem_seg = PixelData(data=label)
-        batch.append(sample)
-    metas = [s.metainfo for s in batch]
-    with torch.no_grad():
-        plain.eval(), fast.eval()
-        torch.testing.assert_close(fast.encode_decode(images, metas),
-                                   plain.encode_decode(images, metas),
-                                   atol=1e-4, rtol=0)
+    batch = labelled_batch(torch.randint(0, 150, (2, 1, 96, 128),
+                                         generator=gen))
+    ours, ref = eval_logits((fast, plain), images, batch)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     results = []
     for model in (plain.double(), fast.double()):
         model.train()

@@ -34,3 +34,26 @@ def assert_trains_alike(fast, plain, feats, batch, loss_rtol, grad_rtol,
             grads[name], grad, rtol=grad_rtol,
             atol=grad_atol_of_max * grad.abs().max().item(), msg=name)
     torch.testing.assert_close(fast.state_dict(), plain.state_dict())
+
+
+def labelled_batch(labels):
+    """Data samples for ``B x 1 x H x W`` label maps, each with its map
+    and an unpadded ``H x W`` image shape."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    size = tuple(labels.shape[2:])
+    batch = []
+    for label in labels:
+        sample = SegDataSample(metainfo=dict(img_shape=size, pad_shape=size))
+        sample.gt_sem_seg = PixelData(data=label)
+        batch.append(sample)
+    return batch
+
+
+def eval_logits(models, images, batch):
+    """Each segmentor's ``encode_decode`` of ``images`` in eval mode,
+    without gradients."""
+    metas = [sample.metainfo for sample in batch]
+    with torch.no_grad():
+        return [model.eval().encode_decode(images, metas)
+                for model in models]

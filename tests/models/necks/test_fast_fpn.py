@@ -130,16 +130,21 @@ def few_channel_features(sizes, dtype=torch.float64, requires_grad=False):
             for c, (h, w) in zip(FEW['in_channels'], sizes)]
 
 
-def count_composed(monkeypatch):
+def count_calls(monkeypatch, name):
+    """A list that gets an entry per call of ``fast_fpn.<name>``."""
     calls = []
-    original = fast_fpn.composed_finest_output
+    original = getattr(fast_fpn, name)
 
     def counted(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(fast_fpn, 'composed_finest_output', counted)
+    monkeypatch.setattr(fast_fpn, name, counted)
     return calls
+
+
+def count_composed(monkeypatch):
+    return count_calls(monkeypatch, 'composed_finest_output')
 
 
 @pytest.mark.parametrize('kernel', [3, 5])
@@ -308,15 +313,7 @@ def two_steps(level, module):
 
 
 def count_head_compositions(monkeypatch):
-    calls = []
-    original = fast_fpn.composed_conv_of_finest
-
-    def counted(*args):
-        calls.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(fast_fpn, 'composed_conv_of_finest', counted)
-    return calls
+    return count_calls(monkeypatch, 'composed_conv_of_finest')
 
 
 @pytest.mark.parametrize('training', [False, True])

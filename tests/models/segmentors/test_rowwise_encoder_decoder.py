@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mmengine.registry import init_default_scope
-from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
 import poolformer_seg  # noqa: F401
 from poolformer_seg.models.segmentors.rowwise_encoder_decoder import (
     RowwiseEncoderDecoder, resized_argmax, source_positions)
+from tests.helpers.heads import eval_logits, labelled_batch
 from tests.helpers.upstream import randomize_
 
 # (input h, w) -> (output H, W): up, down, odd, equal, one row/column
@@ -431,18 +431,10 @@ def test_the_head_composes_fpns_finest_output_in_inference_and_training(
     assert fast.defers_finest() and not plain.defers_finest()
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 40, 72, generator=gen, dtype=torch.float64)
-    batch = []
-    for label in torch.randint(0, 5, (2, 1, 40, 72), generator=gen):
-        sample = SegDataSample(metainfo=dict(img_shape=(40, 72),
-                                             pad_shape=(40, 72)))
-        sample.gt_sem_seg = PixelData(data=label)
-        batch.append(sample)
-    metas = [s.metainfo for s in batch]
-    with torch.no_grad():
-        fast.eval(), plain.eval()
-        torch.testing.assert_close(fast.encode_decode(images, metas),
-                                   plain.encode_decode(images, metas),
-                                   rtol=0, atol=1e-10)
+    batch = labelled_batch(torch.randint(0, 5, (2, 1, 40, 72),
+                                         generator=gen))
+    ours, ref = eval_logits((fast, plain), images, batch)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
     assert calls == [1]
     grads = []
     for model in (fast, plain):
@@ -475,14 +467,11 @@ def test_inference_follows_changed_weights():
     change: by ``load_state_dict`` and by a training step."""
     fast, plain = composing_segmentors()
     images = torch.randn(1, 3, 40, 72, dtype=torch.float64)
-    metas = [dict(img_shape=(40, 72), pad_shape=(40, 72))]
+    batch = labelled_batch(torch.zeros(1, 1, 40, 72, dtype=torch.long))
 
     def agree():
-        fast.eval(), plain.eval()
-        with torch.no_grad():
-            torch.testing.assert_close(fast.encode_decode(images, metas),
-                                       plain.encode_decode(images, metas),
-                                       rtol=0, atol=1e-10)
+        ours, ref = eval_logits((fast, plain), images, batch)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
 
     agree()
     with torch.no_grad():
@@ -492,10 +481,7 @@ def test_inference_follows_changed_weights():
     for model in (fast, plain):
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        sample = SegDataSample(metainfo=metas[0])
-        sample.gt_sem_seg = PixelData(
-            data=torch.zeros(1, 40, 72, dtype=torch.long))
         torch.manual_seed(0)  # the same dropout mask in the head
-        model.loss(images, [sample])['decode.loss_ce'].backward()
+        model.loss(images, batch)['decode.loss_ce'].backward()
         optimizer.step()
     agree()
