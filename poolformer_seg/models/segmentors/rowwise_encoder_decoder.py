@@ -421,12 +421,16 @@ class RowwiseEncoderDecoder(EncoderDecoder):
 
     def defers_finest(self) -> bool:
         """Whether :meth:`head_inputs` leaves FPN's finest output to the
-        head: a ``FastFPN`` neck, a ``FastFPNHead`` (whose first scale head,
-        the only reader of that level, composes it with its convolution:
+        head: a ``FastFPN`` neck, a ``FastFPNHead`` whose first scale head
+        is the only reader of that level (``in_index`` starts with 0, once;
+        it composes the level with its convolution:
         :meth:`~poolformer_seg.models.necks.fast_fpn.FinestLevel.through`)
         and no auxiliary head."""
+        head = self.decode_head
         return (self.with_neck and isinstance(self.neck, FastFPN)
-                and isinstance(self.decode_head, FastFPNHead)
+                and isinstance(head, FastFPNHead)
+                and list(head.in_index)[:1] == [0]
+                and list(head.in_index).count(0) == 1
                 and not self.with_auxiliary_head)
 
     def head_inputs(self, inputs):

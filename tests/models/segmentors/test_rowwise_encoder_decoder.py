@@ -387,10 +387,11 @@ def test_predict_takes_the_one_pass_labels_and_falls_back_when_too_wide(
     assert differ.float().mean() < 1e-3
 
 
-def composing_segmentors(**extra):
+def composing_segmentors(head=None, **extra):
     """A small S12-layout segmentor whose head composes FPN's finest output
     (8 input, 32 FPN and 8 head channels), fast and plain, equal weights,
-    in float64."""
+    in float64; ``head`` updates the decode head's config, ``extra`` the
+    model's."""
     from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
 
@@ -401,8 +402,8 @@ def composing_segmentors(**extra):
     cfg.model.backbone.arch = dict(layers=[1, 1, 1, 1],
                                    embed_dims=[8, 16, 32, 64])
     cfg.model.neck.update(in_channels=[8, 16, 32, 64], out_channels=32)
-    cfg.model.decode_head.update(in_channels=[32] * 4, channels=8,
-                                 num_classes=5)
+    cfg.model.decode_head.update({'in_channels': [32] * 4, 'channels': 8,
+                                  'num_classes': 5, **(head or {})})
     cfg.model.update(extra)
     models = []
     for impl in ('fast', 'plain'):
@@ -449,6 +450,20 @@ def test_the_head_composes_fpns_finest_output_in_inference_and_training(
     for name, grad in ref.items():
         torch.testing.assert_close(ours[name], grad, rtol=1e-8, atol=1e-10,
                                    msg=name)
+
+
+@pytest.mark.parametrize('in_index', [[1, 2, 3], [1, 0, 2, 3]])
+def test_a_head_that_reads_the_finest_level_elsewhere_gets_it_computed(
+        in_index):
+    strides = [[4, 8, 16, 32][i] for i in in_index]
+    fast, plain = composing_segmentors(head=dict(
+        in_index=in_index, in_channels=[32] * len(in_index),
+        feature_strides=sorted(strides)))
+    assert not fast.defers_finest()
+    images = torch.randn(1, 3, 40, 72, dtype=torch.float64)
+    batch = labelled_batch(torch.zeros(1, 1, 40, 72, dtype=torch.long))
+    ours, ref = eval_logits((fast, plain), images, batch)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
 
 
 def test_an_auxiliary_head_gets_the_finest_output_computed():
