@@ -34,7 +34,7 @@ def test_kept_while_the_sources_are_unchanged():
 
 @pytest.mark.parametrize('change', [
     'in place', 'load_state_dict', 'optimizer step', 'to float64',
-    'new parameter', 'key'])
+    'new parameter', 'through .data', 'key'])
 def test_made_again_when_a_source_or_the_key_changes(change):
     module = nn.Linear(3, 4)
     make = Counted(module)
@@ -55,6 +55,10 @@ def test_made_again_when_a_source_or_the_key_changes(change):
         module.double()
     elif change == 'new parameter':
         module.weight = nn.Parameter(module.weight.detach().clone())
+    elif change == 'through .data':  # mmengine's EMA hook: no version bump
+        version = compat.tensor_version(module.weight)
+        module.weight.data.copy_(module.weight.data * 1.1)
+        assert compat.tensor_version(module.weight) == version
     else:
         key = torch.bfloat16
     with torch.no_grad():

@@ -477,9 +477,10 @@ def test_an_auxiliary_head_gets_the_finest_output_computed():
 
 
 def test_inference_follows_changed_weights():
-    """The weights that inference derives and keeps between calls (folded
-    blocks, the composed head kernels) are derived again after the weights
-    change: by ``load_state_dict`` and by a training step."""
+    """The kernels that inference composes and keeps between calls are
+    composed again after the weights change: by ``load_state_dict``, by a
+    training step, and by a swap through ``.data`` (mmengine's EMA hook),
+    which leaves the version counts as they were."""
     fast, plain = composing_segmentors()
     images = torch.randn(1, 3, 40, 72, dtype=torch.float64)
     batch = labelled_batch(torch.zeros(1, 1, 40, 72, dtype=torch.long))
@@ -499,4 +500,9 @@ def test_inference_follows_changed_weights():
         torch.manual_seed(0)  # the same dropout mask in the head
         model.loss(images, batch)['decode.loss_ce'].backward()
         optimizer.step()
+    agree()
+    with torch.no_grad():
+        for model in (fast, plain):
+            for p in model.parameters():
+                p.data.copy_(p.data * 1.1)
     agree()
