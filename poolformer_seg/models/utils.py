@@ -53,7 +53,7 @@ def derived_weights(owner: nn.Module, name: str, sources, make, *key):
     ``load_state_dict`` or ``.to`` change one of them), and the same sum and
     sum of squares (:func:`_fingerprint`: writes through ``.data`` keep the
     version); the kept result holds the sources' storages, so that no new
-    tensor can take their addresses. Checking costs one pass over the
+    tensor can take their addresses. Checking costs two passes over the
     sources per call: worth it where ``make`` costs many more (the composed
     kernels of :mod:`~poolformer_seg.models.necks.fast_fpn`, a 0.7 GMAC
     convolution of weights for S12). Computed anew, and not kept, where the
