@@ -186,9 +186,10 @@ class FinestLevel:
         """``module(self.compute())`` for a ConvModule (conv, norm, act) or
         an ``nn.Conv2d``; its convolution composed with the finest output's
         (:func:`composed_conv_of_finest`) where :meth:`composes_with`."""
-        if not self.composes_with(module):
+        parts = conv_and_weights(module)  # eval BN folded once per call
+        if not self._composes(parts):
             return conv_module_forward(module, self.compute())
-        _, weight, bias, norm = conv_and_weights(module)
+        _, weight, bias, norm = parts
         sources = [*self.fpn_conv.parameters(),
                    *self.lateral_conv.parameters(), *module.parameters(),
                    *module.buffers()]
@@ -206,7 +207,10 @@ class FinestLevel:
         C + 9 C K`` minus the ``9 C K`` both share, for ``K`` output
         channels), and no Winograd for it (:func:`composed_finest_output`'s
         conditions)."""
-        parts = conv_and_weights(module)
+        return self._composes(conv_and_weights(module))
+
+    def _composes(self, parts) -> bool:
+        """:meth:`composes_with` for the module's :func:`conv_and_weights`."""
         if not COMPOSE_HEAD or parts is None or \
                 _plain_conv(parts[0], 3) is None:
             return False
