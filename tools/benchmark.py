@@ -62,7 +62,7 @@ import sys
 import tempfile
 import time
 
-import poolformer_seg  # noqa: F401  (before torch and mmseg: see its docs)
+import poolformer_seg  # noqa: F401  (must precede mmseg imports)
 import torch
 from poolformer_seg import compat
 from poolformer_seg.engine import add_debug_argument, run_tool
@@ -860,7 +860,8 @@ def to_markdown(report):
         f"{env['date']}; torch {env['torch']}; {env['device']} "
         f"({env.get('gpu', env['cpu'])}); {env['threads']} threads; "
         f"weights: {env['weights']}; ours: "
-        f"impl={env.get('impl')}; "
+        f"impl={env.get('impl')}; huge pages (THP_MEM_ALLOC_ENABLE, "
+        f"both routes): {env.get('huge_pages') or 'unset'}; "
         f"median of {env['repeats']} runs after {env['warmup']} warm-up.",
         '', 'Matrix-product peak (GFLOP/s): ' + (', '.join(
             f'{k} {v:.0f}' for k, v in env['matmul_peak_gflops'].items())

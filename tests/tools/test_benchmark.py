@@ -74,6 +74,8 @@ def test_markdown_and_plot_files(report):
     assert '| mode | size | batch | model | dtype | median ms |' in text
     assert text.count('| infer | 64x64 | 1 |') == 4
     assert '## Output agreement' in text and '## Cost against pixels' in text
+    # the allocator setting changes both routes' times: always stated
+    assert 'huge pages (THP_MEM_ALLOC_ENABLE, both routes): ' in text
     assert data['environment']['command'].startswith(
         'python tools/benchmark.py')
     image = matplotlib.image.imread(str(out / 'r.png'))

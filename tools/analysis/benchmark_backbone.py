@@ -32,7 +32,7 @@ import os.path as osp
 import runpy
 import statistics
 
-import poolformer_seg  # noqa: F401  (before torch and mmseg: see its docs)
+import poolformer_seg  # noqa: F401  (must precede mmseg imports)
 import torch
 from poolformer_seg import MetaFormer
 from poolformer_seg.utils.metaformer_layouts import (

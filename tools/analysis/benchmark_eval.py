@@ -29,7 +29,7 @@ import statistics
 import tempfile
 import time
 
-import poolformer_seg  # noqa: F401  (before torch and mmseg: see its docs)
+import poolformer_seg  # noqa: F401  (must precede mmseg imports)
 import torch
 from poolformer_seg.datasets.synthetic import make_ade_dataset
 from poolformer_seg.engine import add_debug_argument, run_tool

@@ -216,9 +216,14 @@ class _Block(torch.autograd.Function):
             g = grad if keep is None else grad * _per_sample(keep, grad)
             g = g.permute(0, 2, 3, 1).to(dtype).reshape(-1, fw2.shape[0])
             h = h.view(g.shape[0], -1)
-            gw2 = g.t().mm(F.gelu(h)).to(pdt)
             gb2 = g.sum(0, dtype=pdt)
-            grad_h = torch.ops.aten.gelu_backward(g.mm(fw2), h)
+            # the 4x wide hidden rows are the step's largest tensors: the
+            # GELU's gradient is formed in place of its input's, and the
+            # GELU itself (for fc2's weight) in place of its input
+            grad_h = g.mm(fw2)
+            torch.ops.aten.gelu_backward.grad_input(grad_h, h,
+                                                    grad_input=grad_h)
+            gw2 = g.t().mm(torch.ops.aten.gelu_(h)).to(pdt)
             del h, g
             gw1 = grad_h.t().mm(n0.reshape(grad_h.shape[0], -1)).to(pdt)
             gb1 = grad_h.sum(0, dtype=pdt)

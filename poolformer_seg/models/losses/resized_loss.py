@@ -13,10 +13,17 @@ faults.
 :func:`resized_cross_entropy` computes the same two numbers one block of
 label rows of one image at a time, so no full-size tensor is built. A
 block's logits come from the same ATen bilinear kernel, run on the block's
-input rows plus one halo row on each side; the log-softmax then runs over
-contiguous NHWC rows. The backward recomputes each block, forms ``softmax -
-onehot`` in place and sends it through the ATen resize backward. Only the
-per-pixel log-sum-exp (``B x H x W``) is kept from forward to backward.
+input rows plus one halo row on each side; the softmax then runs over
+contiguous NHWC rows.
+
+The summed loss's gradient with respect to the resized logits,
+``softmax - onehot``, depends on the logits and labels only: what comes
+after the loss scales it by one number. So, when the logits need a
+gradient, the forward forms it while each block's resized logits are at
+hand (in place, over the same buffer) and sends it through the ATen resize
+backward into a ``B x K x h x w`` sum; the backward only multiplies that
+sum by the incoming gradient. Nothing is resized twice, and only that
+low-resolution sum is kept from forward to backward.
 
 Blocks need ``H`` to be a whole multiple of ``h`` (crop training, where the
 logits are exactly 1/4 of the crop) and ``align_corners=False``; then a
@@ -98,12 +105,34 @@ def _label_blocks(x, labels, align_corners):
                 block.label_row, block.label_row + block.count)
 
 
+def _nll_and_gradient_(rows, target, keep, want_gradient):
+    """Softmax cross-entropy of logit rows ``N x K`` against ``target``
+    ``N x 1``, over the rows where ``keep`` (``N x 1`` bool) holds.
+
+    Returns ``(sum of -log softmax[target], number of kept rows whose
+    target ties for the highest logit)``. ``rows`` is overwritten: with
+    ``keep * (softmax - onehot(target))``, the gradient of that sum, if
+    ``want_gradient``, else with unnormalised exponentials.
+    """
+    picked = rows.gather(1, target)
+    top = rows.amax(1, keepdim=True)
+    correct = ((picked >= top) & keep).sum()
+    exp_sum = rows.sub_(top).exp_().sum(1, keepdim=True)
+    # -log p_y = log-sum-exp - z_y, with log-sum-exp = top + log(exp_sum)
+    nll = exp_sum.log().add_(top).sub_(picked).masked_fill_(~keep, 0).sum()
+    if want_gradient:
+        rows.mul_(keep / exp_sum)
+        rows.scatter_add_(1, target, -keep.to(rows.dtype))
+    return nll, correct
+
+
 class _ResizedCrossEntropy(torch.autograd.Function):
     """``(sum of -log softmax(resize(logits))[label], number of pixels whose
     label is an arg-max)`` over pixels whose label is not ignored.
 
     ``labels`` must already have its ignored pixels replaced by class 0;
-    ``valid`` marks the others.
+    ``valid`` marks the others. The gradient is formed in the forward (see
+    the module docstring).
     """
 
     @staticmethod
@@ -111,48 +140,42 @@ class _ResizedCrossEntropy(torch.autograd.Function):
         x = logits.detach().to(torch.promote_types(
             logits.dtype, torch.float32)).contiguous(
                 memory_format=torch.channels_last)
-        lse = x.new_empty(labels.shape)
+        want_gradient = ctx.needs_input_grad[0]
+        grad_x = torch.zeros_like(x) if want_gradient else None
         total = x.new_zeros(())
         correct = labels.new_zeros(())
-        for image, _, _, rows, label_rows in _label_blocks(
+        for image, block, resized, rows, label_rows in _label_blocks(
                 x, labels, align_corners):
-            target = labels[image, label_rows].reshape(-1, 1)
-            keep = valid[image, label_rows].reshape(-1)
-            log_p = torch.log_softmax(rows, 1)
-            picked = log_p.gather(1, target).view(-1)
-            # log-sum-exp = logit - log-probability, for any class
-            lse[image, label_rows] = (rows.gather(1, target).view(-1) -
-                                      picked).view(-1, labels.shape[2])
-            correct += ((picked >= log_p.amax(1)) & keep).sum()
-            total -= picked.masked_fill_(~keep, 0).sum()
-        ctx.save_for_backward(x, labels, valid, lse)
-        ctx.align_corners = align_corners
+            nll, hits = _nll_and_gradient_(
+                rows, labels[image, label_rows].reshape(-1, 1),
+                valid[image, label_rows].reshape(-1, 1), want_gradient)
+            total += nll
+            correct += hits
+            if want_gradient:
+                _add_resize_backward_(grad_x, image, block, resized,
+                                      align_corners)
+        ctx.save_for_backward(grad_x)
         ctx.logits_dtype = logits.dtype
         ctx.mark_non_differentiable(correct)
         return total, correct
 
     @staticmethod
     def backward(ctx, grad_total, _):
-        x, labels, valid, lse = ctx.saved_tensors
-        num_classes, w = x.shape[1], x.shape[3]
-        grad_x = torch.zeros_like(x)
-        minus_one = x.new_full((1, 1), -1.).expand(labels[0].numel(), 1)
-        for image, block, resized, rows, label_rows in _label_blocks(
-                x, labels, ctx.align_corners):
-            target = labels[image, label_rows].reshape(-1, 1)
-            weight = valid[image, label_rows].reshape(-1, 1) * grad_total
-            # d(-log p_y)/d logits = softmax - onehot(y), in place
-            rows.sub_(lse[image, label_rows].reshape(-1, 1)).exp_()
-            rows.scatter_add_(1, target, minus_one[:rows.shape[0]])
-            rows.mul_(weight)
-            resized[:, :, :block.first].zero_()  # halo rows
-            resized[:, :, block.first + block.count:].zero_()
-            grad_x[image:image + 1, :, block.start:block.stop] += \
-                torch.ops.aten.upsample_bilinear2d_backward(
-                    resized, list(resized.shape[2:]),
-                    [1, num_classes, block.stop - block.start, w],
-                    ctx.align_corners)
-        return grad_x.to(ctx.logits_dtype), None, None, None
+        (grad_x, ) = ctx.saved_tensors
+        return (grad_x * grad_total).to(ctx.logits_dtype), None, None, None
+
+
+def _add_resize_backward_(grad_x, image, block, resized, align_corners):
+    """Add to ``grad_x`` the gradient that the block's label rows of
+    ``resized`` (its halo rows set to zero here) send back through the
+    resize."""
+    resized[:, :, :block.first].zero_()
+    resized[:, :, block.first + block.count:].zero_()
+    num_classes, w = grad_x.shape[1], grad_x.shape[3]
+    grad_x[image:image + 1, :, block.start:block.stop] += \
+        torch.ops.aten.upsample_bilinear2d_backward(
+            resized, list(resized.shape[2:]),
+            [1, num_classes, block.stop - block.start, w], align_corners)
 
 
 def _check_inputs(logits, labels, ignore_index):
@@ -204,6 +227,8 @@ def resized_cross_entropy(
     """
     _check_inputs(logits, labels, ignore_index)
     valid = labels != ignore_index
+    if not torch.is_grad_enabled():
+        logits = logits.detach()  # no gradient to form in the forward
     total, correct = _ResizedCrossEntropy.apply(
         logits, labels.masked_fill(~valid, 0), valid, align_corners)
     # a tensor, not a Python number: no wait for the device (and none to

@@ -155,6 +155,37 @@ def test_fused_block_keeps_only_its_input_for_backward():
     assert fused < 1.2 * activation
 
 
+def test_fused_block_backward_makes_two_hidden_sized_tensors():
+    """The MLP's 4x wide rows are the largest tensors of a training step:
+    the backward makes two (the recomputed GELU input, and its gradient),
+    writing the GELU and the GELU's gradient in place."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    x = torch.randn(2, 16, 12, 10, requires_grad=True)
+    hidden = 2 * 4 * 16 * 12 * 10
+    block = make_block(16, dtype=torch.float32)
+    block.fused = True
+    out = block(x)
+
+    class CountHidden(TorchDispatchMode):
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in
+                      [*args, *(kwargs or {}).values()]
+                      if isinstance(a, torch.Tensor)}
+            for r in result if isinstance(result, tuple) else (result, ):
+                if isinstance(r, torch.Tensor) and r.numel() == hidden and \
+                        r.untyped_storage().data_ptr() not in inputs:
+                    CountHidden.made += 1
+            return result
+
+    with CountHidden():
+        out.sum().backward()
+    assert CountHidden.made == 2
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_fused_norm1_bias_gets_an_explicit_zero_gradient():
     """It cannot change the output, but must take part (DDP)."""
     block = make_block().train()

@@ -9,6 +9,7 @@ borders.
 import pytest
 import torch
 from mmseg.models.losses import accuracy, cross_entropy
+from torch.utils._python_dispatch import TorchDispatchMode
 from mmseg.models.utils import resize
 
 import poolformer_seg.models.losses.resized_loss as rce
@@ -137,6 +138,66 @@ def test_keeps_no_full_size_tensor_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         mmseg_loss(logits, labels)[0]
     assert max(saved) == full  # what mmseg keeps
+
+
+class CountResizes(TorchDispatchMode):
+    """Counts ATen's bilinear resizes (forward and backward) run inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if 'upsample_bilinear2d' in func.__name__:
+            self.calls.append(func.__name__.split('.')[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_backward_resizes_nothing_again():
+    """The gradient is formed in the forward, block by block: the backward
+    scales it and runs no resize."""
+    logits, labels = make_case()
+    x = logits.clone().requires_grad_()
+    forward = CountResizes()
+    with forward:
+        loss, _ = resized_cross_entropy(x, labels)
+    backward = CountResizes()
+    with backward:
+        loss.backward()
+    assert len(forward.calls) > 2 and 'upsample_bilinear2d_backward' in \
+        forward.calls
+    assert backward.calls == []
+
+
+def test_no_gradient_is_formed_without_autograd():
+    logits, labels = make_case()
+    x = logits.clone().requires_grad_()
+    for context in (torch.no_grad(), torch.enable_grad()):
+        counted = CountResizes()
+        with context, counted:
+            resized_cross_entropy(x, labels)
+        formed = 'upsample_bilinear2d_backward' in counted.calls
+        assert formed == isinstance(context, torch.enable_grad)
+    counted = CountResizes()
+    with counted:
+        loss, _ = resized_cross_entropy(logits, labels)  # no requires_grad
+    assert 'upsample_bilinear2d_backward' not in counted.calls
+    assert not loss.requires_grad
+
+
+def test_gradient_scales_with_the_loss_and_survives_a_second_backward():
+    """What follows the loss (a loss weight, a retained graph) reaches the
+    kept gradient as mmseg's does; the kept sum is not scaled in place."""
+    logits, labels = make_case(seed=3)
+    grads = []
+    for fn in (mmseg_loss, resized_cross_entropy):
+        x = logits.clone().requires_grad_()
+        loss = 2.5 * fn(x, labels)[0]
+        first = torch.autograd.grad(loss, x, retain_graph=True)[0]
+        second = torch.autograd.grad(3 * loss, x)[0]
+        torch.testing.assert_close(second, 3 * first)
+        grads.append(first)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize('bad, match', [
