@@ -126,6 +126,19 @@ def _nll_and_gradient_(rows, target, keep, want_gradient):
     return nll, correct
 
 
+def _add_resize_backward_(grad_x, image, block, resized, align_corners):
+    """Add to ``grad_x`` the gradient that the block's label rows of
+    ``resized`` (its halo rows set to zero here) send back through the
+    resize."""
+    resized[:, :, :block.first].zero_()
+    resized[:, :, block.first + block.count:].zero_()
+    num_classes, w = grad_x.shape[1], grad_x.shape[3]
+    grad_x[image:image + 1, :, block.start:block.stop] += \
+        torch.ops.aten.upsample_bilinear2d_backward(
+            resized, list(resized.shape[2:]),
+            [1, num_classes, block.stop - block.start, w], align_corners)
+
+
 class _ResizedCrossEntropy(torch.autograd.Function):
     """``(sum of -log softmax(resize(logits))[label], number of pixels whose
     label is an arg-max)`` over pixels whose label is not ignored.
@@ -163,19 +176,6 @@ class _ResizedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total, _):
         (grad_x, ) = ctx.saved_tensors
         return (grad_x * grad_total).to(ctx.logits_dtype), None, None, None
-
-
-def _add_resize_backward_(grad_x, image, block, resized, align_corners):
-    """Add to ``grad_x`` the gradient that the block's label rows of
-    ``resized`` (its halo rows set to zero here) send back through the
-    resize."""
-    resized[:, :, :block.first].zero_()
-    resized[:, :, block.first + block.count:].zero_()
-    num_classes, w = grad_x.shape[1], grad_x.shape[3]
-    grad_x[image:image + 1, :, block.start:block.stop] += \
-        torch.ops.aten.upsample_bilinear2d_backward(
-            resized, list(resized.shape[2:]),
-            [1, num_classes, block.stop - block.start, w], align_corners)
 
 
 def _check_inputs(logits, labels, ignore_index):
