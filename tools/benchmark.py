@@ -16,8 +16,9 @@ and through ``torch.compile`` (row ``reference+compile``, the one-line
 alternative a user has; its compilation is the "first call" column). With
 ``--ablations``, rows ``ours-no-<name>`` run ours with one hand-written
 optimisation turned off (:data:`ABLATIONS`; ``ours+<name>`` turns on one
-that this machine's CPU leaves off): each must beat its row by more than
-the spread of the repeats where it is on, or go. For every mode, input
+that this machine's CPU leaves off), in the modes where that optimisation
+acts: each must beat its row by more than the spread of the repeats where
+it is on, or go. For every mode, input
 size and batch size the variants (model x dtype) are timed in turns, so that
 background load hits all of them alike, and medians are reported, with
 each row's nominal FLOP rate as a fraction of the measured matrix-product
@@ -514,6 +515,16 @@ def _onednn_linear_switch():
     return fast_ops, 'ONEDNN_LINEAR'
 
 
+def _hand_backward_switch():
+    from poolformer_seg.models.backbones import fast_ops
+    return fast_ops, 'HAND_WRITTEN_BACKWARD'
+
+
+def _blockwise_loss_switch():
+    from poolformer_seg.models.decode_heads import fast_head
+    return fast_head, 'BLOCKWISE_LOSS'
+
+
 @contextlib.contextmanager
 def _patched(owner, name, value):
     old = getattr(owner, name)
@@ -524,41 +535,51 @@ def _patched(owner, name, value):
         setattr(owner, name, old)
 
 
+BOTH = ('infer', 'train')
 ABLATIONS = {
     # Winograd F(4x4, 3x3) for the large 3x3 convolutions of neck and head,
     # on where this CPU's instruction set is one of winograd.FASTER_ON
-    'winograd': _winograd_switch,
+    'winograd': (_winograd_switch, BOTH),
     # FastFPN's finest output from the composed lateral and output
     # convolutions plus a transposed convolution of the coarser lateral
-    'compose': _compose_switch,
+    'compose': (_compose_switch, BOTH),
     # FPNHead's first convolution composed with FPN's finest output, which
     # is never built (a 5x5 convolution and a transposed one, edges fixed)
-    'compose-head': _compose_head_switch,
+    'compose-head': (_compose_head_switch, BOTH),
     # the fused PoolFormer block's products through oneDNN's fused linear
     # (bias and GELU inside the product) instead of F.linear + GELU
-    'onednn-linear': _onednn_linear_switch,
+    'onednn-linear': (_onednn_linear_switch, BOTH),
     # inference's folded and composed weights kept between calls while the
     # parameters are unchanged (models/utils.derived_weights)
-    'keep-weights': _keep_weights_switch,
+    'keep-weights': (_keep_weights_switch, ('infer', )),
+    # the fused block's hand-written backward (its input kept, the rest
+    # recomputed) instead of autograd through the plain formulas
+    'hand-backward': (_hand_backward_switch, ('train', )),
+    # the loss block by block, its gradient formed in the forward, instead
+    # of mmseg's loss_by_feat on the whole resized logits
+    'blockwise-loss': (_blockwise_loss_switch, ('train', )),
 }
 
 
-def ablation_rows():
+def ablation_rows(mode=None):
     """``{row name: (owner, attribute)}``: each row runs ours with one
     boolean decision of :data:`ABLATIONS` flipped, ``ours-no-<name>``
-    where it is on on this machine, ``ours+<name>`` where it is off."""
+    where it is on on this machine, ``ours+<name>`` where it is off; only
+    the decisions that act in ``mode`` (all where None)."""
     rows = {}
-    for name, switch in ABLATIONS.items():
+    for name, (switch, modes) in ABLATIONS.items():
+        if mode is not None and mode not in modes:
+            continue
         owner, attribute = switch()
         sign = '-no-' if getattr(owner, attribute) else '+'
         rows[f'ours{sign}{name}'] = (owner, attribute)
     return rows
 
 
-def variants(args):
+def variants(args, mode):
     names = ['ours']
     if args.ablations:
-        names += list(ablation_rows())
+        names += list(ablation_rows(mode))
     if args.reference:
         names.append('reference')
         if args.compiled_reference:
@@ -724,10 +745,10 @@ def run(args, argv):
             for mode in args.modes:
                 steps = {f'{name}/{dtype}': variant_step(
                     models, name, mode, dtype, images, samples, device)
-                    for name, dtype in variants(args)}
+                    for name, dtype in variants(args, mode)}
                 times = time_interleaved(steps, args.repeats, args.warmup,
                                          device)
-                for name, dtype in variants(args):
+                for name, dtype in variants(args, mode):
                     t, cpu, first = times[f'{name}/{dtype}']
                     rec = dict(mode=mode, size=list(size), batch=batch,
                                model=name, dtype=dtype,

@@ -104,7 +104,8 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
     every row reports its fraction of the measured matrix-product peak."""
     from poolformer_seg.models import winograd
     others = ['ours-no-compose', 'ours-no-compose-head',
-              'ours-no-onednn-linear', 'ours-no-keep-weights']
+              'ours-no-onednn-linear', 'ours-no-keep-weights',
+              'ours-no-hand-backward', 'ours-no-blockwise-loss']
     for on, row in ((True, 'ours-no-winograd'), (False, 'ours+winograd')):
         monkeypatch.setattr(winograd, 'ON_THIS_CPU', on)
         assert list(bench.ablation_rows()) == [row] + others
@@ -118,9 +119,12 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
         assert seen == [not on] and winograd.ON_THIS_CPU is on
     from poolformer_seg.models import utils
     from poolformer_seg.models.backbones import fast_ops
+    from poolformer_seg.models.decode_heads import fast_head
     from poolformer_seg.models.necks import fast_fpn
     switches = ((fast_fpn, 'COMPOSE_FINEST'), (fast_fpn, 'COMPOSE_HEAD'),
-                (fast_ops, 'ONEDNN_LINEAR'), (utils, 'KEEP_DERIVED'))
+                (fast_ops, 'ONEDNN_LINEAR'), (utils, 'KEEP_DERIVED'),
+                (fast_ops, 'HAND_WRITTEN_BACKWARD'),
+                (fast_head, 'BLOCKWISE_LOSS'))
     for row, (owner, name) in zip(others, switches):
         seen = []
         monkeypatch.setattr(bench, 'make_step', lambda *a, **k: (
@@ -135,11 +139,27 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
                 '--threads', '1', '--no-memory', '--no-compiled-reference',
                 '--ablations', '--json', str(out)])
     data = json.loads(out.read_text())
+    inference_rows = others[:4]  # the last two act in training only
     assert [r['model'] for r in data['records']] == [
-        'ours', 'ours+winograd', *others, 'reference']
+        'ours', 'ours+winograd', *inference_rows, 'reference']
     assert data['environment']['matmul_peak_gflops']['fp32'] > 0
     for r in data['records']:
         assert r['peak_fraction'] > 0 and r['first_call_s'] > 0
+
+
+def test_ablation_rows_are_those_that_act_in_the_mode(bench):
+    """Inference runs no backward and no loss, training keeps no derived
+    weights: each mode gets the rows whose switch acts in it."""
+    def names(mode):
+        return [r.split('-no-')[-1].split('+')[-1]
+                for r in bench.ablation_rows(mode)]
+    shared = ['winograd', 'compose', 'compose-head', 'onednn-linear']
+    assert names('infer') == shared + ['keep-weights']
+    assert names('train') == shared + ['hand-backward', 'blockwise-loss']
+    args = bench.parse_args([S12_CONFIG, '--ablations', '--dtype', 'fp32'])
+    assert [n for n, _ in bench.variants(args, 'train')] == [
+        'ours', *bench.ablation_rows('train'), 'reference',
+        'reference+compile']
 
 
 @pytest.mark.slow

@@ -65,10 +65,19 @@ __all__ = ['fused_block', 'runs_fused']
 BACKWARD_DEVICES = ('cpu', 'meta')
 
 
+HAND_WRITTEN_BACKWARD = True
+"""Whether a block that needs gradients runs :class:`_Block` (on
+:data:`BACKWARD_DEVICES`) rather than the plain formulas under autograd
+(the switch of ``tools/benchmark.py --ablations``' training row
+``ours-no-hand-backward``)."""
+
+
 def runs_fused(x) -> bool:
     """Whether a fused block computes on ``x``: always without autograd,
-    and with autograd on :data:`BACKWARD_DEVICES`."""
-    return x.device.type in BACKWARD_DEVICES or not torch.is_grad_enabled()
+    and with autograd on :data:`BACKWARD_DEVICES` (where
+    :data:`HAND_WRITTEN_BACKWARD`)."""
+    return not torch.is_grad_enabled() or (
+        HAND_WRITTEN_BACKWARD and x.device.type in BACKWARD_DEVICES)
 
 
 def _stats(x, eps):

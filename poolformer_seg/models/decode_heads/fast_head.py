@@ -8,6 +8,14 @@ from ..losses import resized_cross_entropy
 from ..utils import autocast_off
 
 
+BLOCKWISE_LOSS = True
+"""Whether the fast heads compute their loss block by block
+(:func:`~poolformer_seg.models.losses.resized_cross_entropy`) rather than
+by mmseg's ``loss_by_feat`` on the whole resized logits (the switch of
+``tools/benchmark.py --ablations``' training row
+``ours-no-blockwise-loss``)."""
+
+
 def mmseg_base(fast_type: type) -> type:
     """The mmseg class that one of our fast necks or heads derives from
     (``FPNHead`` for ``FastFPNHead``, ``FPN`` for ``FastFPN``)."""
@@ -94,6 +102,8 @@ class FastDecodeHead:
             return self.conv_seg(feat.to(self.conv_seg.weight.dtype))
 
     def loss_by_feat(self, seg_logits, batch_data_samples) -> dict:
+        if not BLOCKWISE_LOSS:
+            return super().loss_by_feat(seg_logits, batch_data_samples)
         seg_label = self._stack_batch_gt(batch_data_samples).squeeze(1)
         loss, acc = resized_cross_entropy(
             seg_logits, seg_label, ignore_index=self.ignore_index,

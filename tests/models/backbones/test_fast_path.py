@@ -337,6 +337,30 @@ def test_hand_written_backward_runs_on_the_cpu_only(monkeypatch):
     torch.testing.assert_close(plain, fused, atol=1e-5, rtol=0)
 
 
+def test_the_benchmark_switch_turns_the_hand_written_backward_off(
+        monkeypatch):
+    """``HAND_WRITTEN_BACKWARD=False`` (the benchmark's training row
+    ``ours-no-hand-backward``) runs the plain formulas under autograd on
+    the CPU too, with the same values and gradients; inference stays
+    fused."""
+    from poolformer_seg.models.backbones import fast_ops
+    from poolformer_seg.models.backbones.poolformer import PoolFormerBlock
+    block = PoolFormerBlock(8, 4, 3, dict(type='GN', num_groups=1), 0.5,
+                            0., fused=True).double()
+    x = torch.randn(2, 8, 9, 11, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for on in (True, False):
+        monkeypatch.setattr(fast_ops, 'HAND_WRITTEN_BACKWARD', on)
+        y = block(x)
+        assert (y.grad_fn.name() == '_BlockBackward') is on
+        grads.append(torch.autograd.grad(y.square().sum(),
+                                         [x, *block.parameters()]))
+        with torch.no_grad():
+            assert fast_ops.runs_fused(x)
+    for hand, plain in zip(*grads):
+        torch.testing.assert_close(hand, plain, atol=1e-10, rtol=1e-10)
+
+
 def test_fused_inference_stays_on_the_input_device():
     """FakeTensorMode refuses a CPU tensor meeting a CUDA one: a fused
     block's inference on (fake) CUDA tensors creates nothing on the CPU,

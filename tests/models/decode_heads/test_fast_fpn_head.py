@@ -73,6 +73,35 @@ def test_training_loss_and_gradients_equal_fpn_head(avg_non_ignore):
     assert errors[0] < 2 * errors[1] + 1e-7, errors
 
 
+def test_the_benchmark_switch_turns_the_blockwise_loss_off(monkeypatch):
+    """``BLOCKWISE_LOSS=False`` (the benchmark's training row
+    ``ours-no-blockwise-loss``) computes the loss by mmseg's
+    ``loss_by_feat``: the blockwise function is not called, and loss,
+    accuracy and gradients are the blockwise ones (float64)."""
+    from poolformer_seg.models.decode_heads import fast_head
+    _, fast = make_pair()
+    fast.double()
+    feats = [f.double() for f in features()]
+    calls = []
+    blockwise = fast_head.resized_cross_entropy
+    monkeypatch.setattr(fast_head, 'resized_cross_entropy', lambda *a, **k: (
+        calls.append(1), blockwise(*a, **k))[1])
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(fast_head, 'BLOCKWISE_LOSS', on)
+        calls.clear()
+        results.append(loss_and_grads(fast, feats, samples()))
+        assert calls == ([1] if on else [])
+    (loss, grads), (plain_loss, plain_grads) = results
+    torch.testing.assert_close(loss['loss_ce'], plain_loss['loss_ce'])
+    # mmseg's accuracy counts in fp32 whatever the logits' dtype
+    torch.testing.assert_close(loss['acc_seg'].float(), plain_loss['acc_seg'])
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-12,
+                                   rtol=1e-10)
+
+
 def test_inference_equals_fpn_head():
     plain, fast = make_pair()
     plain.eval(), fast.eval()
