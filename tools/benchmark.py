@@ -18,11 +18,11 @@ alternative a user has; its compilation is the "first call" column). With
 optimisation turned off (:data:`ABLATIONS`; ``ours+<name>`` turns on one
 that this machine's CPU leaves off), in the modes where that optimisation
 acts: each must beat its row by more than the spread of the repeats where
-it is on, or go. For every mode, input
-size and batch size the variants (model x dtype) are timed in turns, so that
-background load hits all of them alike, and medians are reported, with
-each row's nominal FLOP rate as a fraction of the measured matrix-product
-peak (``--no-peak`` skips that):
+it is on (the hand-written backward, whose purpose is memory: in peak
+memory), or go. For every mode, input size and batch size the variants
+(model x dtype) are timed in turns, so that background load hits all of
+them alike, and medians are reported, with each row's nominal FLOP rate as
+a fraction of the measured matrix-product peak (``--no-peak`` skips that):
 
 * ``infer``: ``encode_decode`` (backbone, neck, head and the resize of the
   logits to the input size) under ``no_grad``;
