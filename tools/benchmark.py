@@ -34,9 +34,12 @@ variant, mode, size and batch (CPU: peak RSS during the steps minus the RSS
 before them, the C heap being trimmed and the kernel's high-water mark
 reset first; CUDA:
 ``torch.cuda.max_memory_allocated`` minus the allocation before). Outputs
-are compared at each size, after its timing: ours and the reference in fp32
-(max abs difference of the logits), and every low-precision variant against
-its fp32 run (share of equal argmax pixels). With bf16 requested, one more
+are compared at each size, after its timing, over ``--agreement-inputs``
+random inputs (8 by default; one input's share of equal arg-max pixels moves
+by a few hundredths of a percent from one input to the next): ours and the
+reference in fp32 (max abs difference of the logits), and every
+low-precision variant against its fp32 run (share of equal argmax pixels
+over all the inputs, and that of the worst input). With bf16 requested, one more
 row, ``reference/bf16-operands``, gives the floor for bf16 at these weights:
 the fp32 reference with nothing rounded to bf16 but the operands of its
 matrix products (:func:`bf16_operand_logits`).
@@ -126,6 +129,11 @@ def parse_args(argv=None):
     p.add_argument('--checkpoint', help='segmentor weights to load instead '
                    'of random ones')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--agreement-inputs', type=int, default=8, metavar='N',
+                   help='inputs per size for the output agreement (seeds '
+                   'SEED..SEED+N-1; the first is the timed one): arg-max '
+                   'shares move by a few hundredths of a percent from one '
+                   'random input to the next')
     p.add_argument('--markdown', metavar='OUT.md')
     p.add_argument('--plot', metavar='OUT.png')
     p.add_argument('--json', metavar='OUT.json', help='raw report')
@@ -135,9 +143,9 @@ def parse_args(argv=None):
     p.add_argument('--probe', help=argparse.SUPPRESS)  # memory worker
     add_debug_argument(p)
     args = p.parse_args(argv)
-    for name in ('repeats', 'threads'):
+    for name in ('repeats', 'threads', 'agreement_inputs'):
         if getattr(args, name) < 1:
-            p.error(f'--{name} must be >= 1')
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or min(args.batch_sizes) < 1:
         p.error('--warmup must be >= 0 and --batch-sizes >= 1')
     if args.device == 'cuda' and not torch.cuda.is_available():
@@ -694,8 +702,34 @@ def _against_fp32(low, fp32):
                 max_abs_diff_to_fp32=(low - fp32).abs().max().item())
 
 
+def agreement(models, inputs, dtypes, device):
+    """Logit and argmax agreement over ``inputs``, a list of ``(images,
+    samples)`` (see module docstring): each arg-max share over the pixels of
+    all inputs, with the lowest of a single input next to it
+    (``<key>_worst_input``); the largest of each maximum, the mean of each
+    mean."""
+    found = [agreement_at(models, images, samples, dtypes, device)
+             for images, samples in inputs]
+    return {variant: _combined([f[variant] for f in found])
+            for variant in found[0]}
+
+
+def _combined(values):
+    """One variant's checks at several inputs of one size, combined."""
+    out = {}
+    for key in values[0]:
+        column = [v[key] for v in values]
+        if key.startswith('argmax_equal'):
+            out[key] = statistics.mean(column)
+            out[f'{key}_worst_input'] = min(column)
+        else:
+            out[key] = (max if key.startswith('max_') else
+                        statistics.mean)(column)
+    return out
+
+
 @torch.no_grad()
-def agreement(models, images, samples, dtypes, device):
+def agreement_at(models, images, samples, dtypes, device):
     """Logit and argmax agreement at one input (see module docstring)."""
     metas = [s.metainfo for s in samples]
     out = {}
@@ -766,9 +800,14 @@ def run(args, argv):
             if 'infer' in args.modes:  # after the timing: it allocates a lot
                 for name, model in models.items():
                     model.load_state_dict(initial[name])
-                checks.append(dict(size=list(size), batch=batch, **{
-                    'results': agreement(models, images, samples, args.dtype,
-                                         device)}))
+                inputs = [(images, samples)] + [
+                    make_inputs(batch, size, num_classes, device,
+                                args.seed + i)
+                    for i in range(1, args.agreement_inputs)]
+                checks.append(dict(
+                    size=list(size), batch=batch, inputs=len(inputs),
+                    results=agreement(models, inputs, args.dtype, device)))
+                del inputs
             del images, samples
     # Last, so that the kernel's clean-up after each probe process (GBs of
     # freed pages) cannot slow down a timed step.
@@ -915,15 +954,15 @@ def to_markdown(report):
             f"| {fmt(r.get('memory_vs_ref'), '.2f')} |")
     if report['agreement']:
         lines += ['', '## Output agreement (inference)', '',
-                  '| size | batch | variant | check | value |',
-                  '|---|---|---|---|---|']
+                  '| size | batch | inputs | variant | check | value |',
+                  '|---|---|---|---|---|---|']
         for check in report['agreement']:
             for variant, values in check['results'].items():
                 for key, value in values.items():
                     lines.append(
                         f"| {check['size'][0]}x{check['size'][1]} "
-                        f"| {check['batch']} | {variant} | {key} "
-                        f"| {value:.6g} |")
+                        f"| {check['batch']} | {check['inputs']} "
+                        f"| {variant} | {key} | {value:.6g} |")
     if report['scaling']:
         lines += ['', '## Cost against pixels', '',
                   'Slope of log(time) against log(pixels); 1 = linear.', '',

@@ -24,7 +24,7 @@ def report(bench, tmp_path_factory):
             '--dtype', 'fp32', 'bf16', '--modes', 'infer', 'train',
             '--repeats', '2', '--warmup', '0', '--threads', '1',
             '--no-memory', '--no-compiled-reference', '--no-peak',
-            '--json', str(out / 'r.json'),
+            '--agreement-inputs', '2', '--json', str(out / 'r.json'),
             '--markdown', str(out / 'r.md'), '--plot', str(out / 'r.png')]
     bench.main(argv)
     with open(out / 'r.json') as f:
@@ -57,6 +57,7 @@ def test_agreement_with_reference_and_fp32(report):
     data, _ = report
     assert [c['size'] for c in data['agreement']] == [[64, 64], [96, 80]]
     for check in data['agreement']:
+        assert check['inputs'] == 2
         results = check['results']
         ours = results['ours/fp32']
         assert ours['max_abs_diff_to_reference'] < 1e-4
@@ -64,8 +65,28 @@ def test_agreement_with_reference_and_fp32(report):
         assert ours['argmax_equal_to_reference'] > .999
         for variant in ('ours/bf16', 'reference/bf16',
                         'reference/bf16-operands'):
-            assert .9 < results[variant]['argmax_equal_to_fp32'] <= 1
+            share = results[variant]['argmax_equal_to_fp32']
+            assert .9 < share <= 1
+            assert results[variant]['argmax_equal_to_fp32_worst_input'] \
+                <= share
             assert results[variant]['max_abs_diff_to_fp32'] > 0
+
+
+def test_agreement_over_several_inputs_gives_mean_worst_and_largest(bench):
+    """Shares are averaged (the inputs have the same size) and the worst
+    input kept; maxima stay maxima, means means."""
+    found = [dict(argmax_equal_to_fp32=.99, max_abs_diff_to_fp32=1.,
+                  mean_abs_diff_to_reference=2.),
+             dict(argmax_equal_to_fp32=.96, max_abs_diff_to_fp32=3.,
+                  mean_abs_diff_to_reference=4.)]
+    assert bench._combined(found) == pytest.approx(dict(
+        argmax_equal_to_fp32=.975, argmax_equal_to_fp32_worst_input=.96,
+        max_abs_diff_to_fp32=3., mean_abs_diff_to_reference=3.))
+
+
+def test_agreement_inputs_must_be_positive(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args([S12_CONFIG, '--agreement-inputs', '0'])
 
 
 def test_markdown_and_plot_files(report):
@@ -74,6 +95,7 @@ def test_markdown_and_plot_files(report):
     assert '| mode | size | batch | model | dtype | median ms |' in text
     assert text.count('| infer | 64x64 | 1 |') == 4
     assert '## Output agreement' in text and '## Cost against pixels' in text
+    assert '| 64x64 | 1 | 2 | ours/bf16 | argmax_equal_to_fp32 |' in text
     # the allocator setting changes both routes' times: always stated
     assert 'huge pages (THP_MEM_ALLOC_ENABLE, both routes): ' in text
     assert data['environment']['command'].startswith(
@@ -189,7 +211,7 @@ def test_agreement_check_catches_different_weights(bench):
     with torch.no_grad():
         models['reference'].backbone.network[0][0].layer_scale_1.mul_(1.5)
     images, samples = bench.make_inputs(1, (64, 64), 150, 'cpu', 0)
-    result = bench.agreement(models, images, samples, ['fp32'], 'cpu')
+    result = bench.agreement(models, [(images, samples)], ['fp32'], 'cpu')
     assert result['ours/fp32']['max_abs_diff_to_reference'] > 1e-2
 
 

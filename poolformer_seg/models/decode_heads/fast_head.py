@@ -52,7 +52,10 @@ class FastDecodeHead:
     and ``align_corners`` are honoured.
 
     Mixed precision: under autocast the classifier ``conv_seg`` runs in
-    fp32, so the logits (and the loss computed from them) are fp32.
+    fp32, so the logits (and the loss and labels computed from them) are
+    fp32; the segmentor's input-size scores follow autocast, as mmseg's
+    (:meth:`~poolformer_seg.models.segmentors.RowwiseEncoderDecoder.
+    encode_decode`).
     """
 
     def __init__(self, **kwargs):

@@ -32,9 +32,11 @@ from mmseg.models.necks import FPN
 from mmseg.models.segmentors import EncoderDecoder, SegTTAModel
 from mmseg.registry import MODELS
 
+from ...compat import autocast_dtype
 from ..backbones.base import IMPLS
 from ..decode_heads import FastDecodeHead, FastFPNHead
 from ..necks import FastFPN
+from ..utils import autocast_off
 
 __all__ = ['RowwiseEncoderDecoder', 'FullLogitsSegTTAModel', 'resized_argmax',
            'source_positions', 'IMPLS', 'PLAIN_TYPES', 'check_compile_setting',
@@ -302,7 +304,18 @@ def twice_resized_argmax(logits: torch.Tensor, resize_to, crop, flip,
     classes are within a few ulps); nothing of ``C x H x W`` is built.
     Returns None when the width product, ``C x h x W``, would exceed
     :data:`WHOLE_IMAGE_BYTES` (a photo much wider than the input).
+
+    The products run in at least fp32 under autocast too (which would run
+    them, the interpolation matrices' included, in bf16 or fp16).
     """
+    with autocast_off(torch.device('cpu')), autocast_off(logits.device):
+        return _twice_resized_argmax(logits, resize_to, crop, flip, size,
+                                     align_corners)
+
+
+def _twice_resized_argmax(logits, resize_to, crop, flip, size,
+                          align_corners):
+    """:func:`twice_resized_argmax`, autocast off."""
     classes, height, width = logits.shape
     out_h, out_w = size
     dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -368,8 +381,9 @@ class RowwiseEncoderDecoder(EncoderDecoder):
             predictions go through ``EncoderDecoder.postprocess_result``
             (full-size ``seg_logits``). Checkpoints load into either.
         keep_seg_logits (bool): also return ``seg_logits``, the
-            ``C x H x W`` fp32 scores at the original size, computed as
-            mmseg does (and costing what it costs: 4 * C bytes per pixel).
+            ``C x H x W`` scores at the original size, computed as mmseg
+            does (and costing what it costs: 4 * C bytes per pixel in fp32,
+            the autocast dtype under autocast: :meth:`encode_decode`).
             Needed by ``SegTTAModel``, which averages them over the
             augmented views (:class:`FullLogitsSegTTAModel`, the configs'
             ``tta_model``, turns it on). Default False: data samples carry
@@ -449,9 +463,21 @@ class RowwiseEncoderDecoder(EncoderDecoder):
 
     def encode_decode(self, inputs, batch_img_metas):
         """``EncoderDecoder.encode_decode``: logits at the input size, the
-        tensor part compiled where :meth:`compiles`."""
-        return self.decode_head.predict_by_feat(self._logits(inputs),
-                                                batch_img_metas)
+        tensor part compiled where :meth:`compiles`.
+
+        Under autocast they are resized in its dtype and returned in it, as
+        mmseg's are (its classifier computes in that dtype). Our fast heads'
+        classifier computes in fp32 (:meth:`~poolformer_seg.models.
+        decode_heads.FastDecodeHead.cls_seg`), which :meth:`predict`'s
+        labels and the loss keep; this input-size tensor, ``num_classes``
+        values per pixel, takes half the memory in bf16 or fp16, and less
+        time. Its arg-max agrees with fp32 as often as mmseg's own
+        (``tools/benchmark.py``'s agreement)."""
+        logits = self._logits(inputs)
+        dtype = autocast_dtype(logits.device.type)
+        if dtype is not None:
+            logits = logits.to(dtype)
+        return self.decode_head.predict_by_feat(logits, batch_img_metas)
 
     def _forward(self, inputs, data_samples=None):
         """``mode='tensor'``: the logits at the head's resolution."""

@@ -11,7 +11,8 @@ from mmseg.structures import SegDataSample
 
 import poolformer_seg  # noqa: F401
 from poolformer_seg.models.segmentors.rowwise_encoder_decoder import (
-    RowwiseEncoderDecoder, resized_argmax, source_positions)
+    RowwiseEncoderDecoder, resized_argmax, source_positions,
+    twice_resized_argmax)
 from tests.helpers.heads import eval_logits, labelled_batch
 from tests.helpers.upstream import randomize_
 
@@ -177,6 +178,37 @@ def test_segmentor_labels_match_mmseg_postprocess(segmentor, flip):
     chosen = kept.seg_logits.data.gather(0, ours.pred_sem_seg.data)
     assert torch.allclose(chosen, kept.seg_logits.data.max(0).values,
                           rtol=0, atol=1e-5)
+
+
+def test_input_size_scores_follow_autocast_as_mmsegs(segmentor):
+    """Under bf16 autocast ``encode_decode`` returns bf16 scores, as mmseg's
+    ``EncoderDecoder`` does: the fp32 head logits rounded, then resized in
+    bf16. The head's logits (``mode='tensor'``) stay fp32."""
+    inputs = torch.randn(1, 3, 64, 96)
+    metas = [s.metainfo for s in samples()]
+    with torch.no_grad():
+        fp32 = segmentor.encode_decode(inputs, metas)
+        with torch.autocast('cpu', torch.bfloat16):
+            head = segmentor(inputs, mode='tensor')
+            scores = segmentor.encode_decode(inputs, metas)
+    assert fp32.dtype == head.dtype == torch.float32
+    assert scores.dtype == torch.bfloat16 and scores.shape == fp32.shape
+    assert torch.equal(scores, F.interpolate(
+        head.bfloat16(), size=(64, 96), mode='bilinear', align_corners=False))
+
+
+@pytest.mark.parametrize('flip', [None, 'horizontal'])
+def test_labels_under_autocast_come_from_fp32_products(segmentor, flip):
+    """``predict`` under bf16 autocast takes its labels from the fp32 head
+    logits through fp32 products (autocast would run the interpolation
+    products in bf16): the labels of the same logits without autocast."""
+    inputs = torch.randn(1, 3, 64, 96)
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+        head = segmentor(inputs, mode='tensor')
+        predicted, = segmentor.predict(inputs, samples(flip))
+    labels = twice_resized_argmax(head[0], (64, 96), (0, 0, 0, 0), flip,
+                                  (75, 121), segmentor.align_corners)
+    assert torch.equal(predicted.pred_sem_seg.data[0], labels)
 
 
 def test_tta_model_of_the_configs_keeps_the_logits_it_averages(segmentor):
