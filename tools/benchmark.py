@@ -39,10 +39,10 @@ random inputs (8 by default; one input's share of equal arg-max pixels moves
 by a few hundredths of a percent from one input to the next): ours and the
 reference in fp32 (max abs difference of the logits), and every
 low-precision variant against its fp32 run (share of equal argmax pixels
-over all the inputs, and that of the worst input). With bf16 requested, one more
-row, ``reference/bf16-operands``, gives the floor for bf16 at these weights:
-the fp32 reference with nothing rounded to bf16 but the operands of its
-matrix products (:func:`bf16_operand_logits`).
+over all the inputs, and that of the worst input). With bf16 requested, one
+more row, ``reference/bf16-operands``, gives the floor for bf16 at these
+weights: the fp32 reference with nothing rounded to bf16 but the operands of
+its matrix products (:func:`bf16_operand_logits`).
 
 Weights are random but non-trivial (layer scales 0.2..1, varied norms and
 BN statistics) unless ``--checkpoint`` gives a trained segmentor, so that a
