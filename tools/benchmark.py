@@ -533,6 +533,11 @@ def _blockwise_loss_switch():
     return fast_head, 'BLOCKWISE_LOSS'
 
 
+def _separable_resize_switch():
+    from poolformer_seg.models import resize
+    return resize, 'SEPARABLE_ON_CPU'
+
+
 @contextlib.contextmanager
 def _patched(owner, name, value):
     old = getattr(owner, name)
@@ -566,6 +571,9 @@ ABLATIONS = {
     # the loss block by block, its gradient formed in the forward, instead
     # of mmseg's loss_by_feat on the whole resized logits
     'blockwise-loss': (_blockwise_loss_switch, ('train', )),
+    # the scores resized to the input size by two one-dimensional passes
+    # (models/resize.py) instead of PyTorch's bilinear kernel
+    'separable-resize': (_separable_resize_switch, ('infer', )),
 }
 
 

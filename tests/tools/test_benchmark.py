@@ -127,7 +127,8 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
     from poolformer_seg.models import winograd
     others = ['ours-no-compose', 'ours-no-compose-head',
               'ours-no-onednn-linear', 'ours-no-keep-weights',
-              'ours-no-hand-backward', 'ours-no-blockwise-loss']
+              'ours-no-hand-backward', 'ours-no-blockwise-loss',
+              'ours-no-separable-resize']
     for on, row in ((True, 'ours-no-winograd'), (False, 'ours+winograd')):
         monkeypatch.setattr(winograd, 'ON_THIS_CPU', on)
         assert list(bench.ablation_rows()) == [row] + others
@@ -139,14 +140,14 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
                            'cpu')()
         monkeypatch.setattr(bench, 'make_step', real)
         assert seen == [not on] and winograd.ON_THIS_CPU is on
-    from poolformer_seg.models import utils
+    from poolformer_seg.models import resize, utils
     from poolformer_seg.models.backbones import fast_ops
     from poolformer_seg.models.decode_heads import fast_head
     from poolformer_seg.models.necks import fast_fpn
     switches = ((fast_fpn, 'COMPOSE_FINEST'), (fast_fpn, 'COMPOSE_HEAD'),
                 (fast_ops, 'ONEDNN_LINEAR'), (utils, 'KEEP_DERIVED'),
                 (fast_ops, 'HAND_WRITTEN_BACKWARD'),
-                (fast_head, 'BLOCKWISE_LOSS'))
+                (fast_head, 'BLOCKWISE_LOSS'), (resize, 'SEPARABLE_ON_CPU'))
     for row, (owner, name) in zip(others, switches):
         seen = []
         monkeypatch.setattr(bench, 'make_step', lambda *a, **k: (
@@ -161,7 +162,8 @@ def test_ablation_rows_flip_one_optimisation_and_report_peak(
                 '--threads', '1', '--no-memory', '--no-compiled-reference',
                 '--ablations', '--json', str(out)])
     data = json.loads(out.read_text())
-    inference_rows = others[:4]  # the last two act in training only
+    # hand-backward and blockwise-loss act in training only
+    inference_rows = others[:4] + others[6:]
     assert [r['model'] for r in data['records']] == [
         'ours', 'ours+winograd', *inference_rows, 'reference']
     assert data['environment']['matmul_peak_gflops']['fp32'] > 0
@@ -176,7 +178,7 @@ def test_ablation_rows_are_those_that_act_in_the_mode(bench):
         return [r.split('-no-')[-1].split('+')[-1]
                 for r in bench.ablation_rows(mode)]
     shared = ['winograd', 'compose', 'compose-head', 'onednn-linear']
-    assert names('infer') == shared + ['keep-weights']
+    assert names('infer') == shared + ['keep-weights', 'separable-resize']
     assert names('train') == shared + ['hand-backward', 'blockwise-loss']
     args = bench.parse_args([S12_CONFIG, '--ablations', '--dtype', 'fp32'])
     assert [n for n, _ in bench.variants(args, 'train')] == [

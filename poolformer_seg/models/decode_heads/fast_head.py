@@ -4,7 +4,9 @@ tracing."""
 from mmseg.models.losses import CrossEntropyLoss
 from mmseg.models.utils import resize
 
+from ...compat import autocast_dtype
 from ..losses import resized_cross_entropy
+from ..resize import input_size, resize_scores
 from ..utils import autocast_off
 
 
@@ -53,9 +55,8 @@ class FastDecodeHead:
 
     Mixed precision: under autocast the classifier ``conv_seg`` runs in
     fp32, so the logits (and the loss and labels computed from them) are
-    fp32; the segmentor's input-size scores follow autocast, as mmseg's
-    (:meth:`~poolformer_seg.models.segmentors.RowwiseEncoderDecoder.
-    encode_decode`).
+    fp32; the input-size scores of :meth:`predict_by_feat` follow autocast,
+    as mmseg's.
     """
 
     def __init__(self, **kwargs):
@@ -103,6 +104,18 @@ class FastDecodeHead:
             feat = self.dropout(feat)
         with autocast_off(feat.device):
             return self.conv_seg(feat.to(self.conv_seg.weight.dtype))
+
+    def predict_by_feat(self, seg_logits, batch_img_metas):
+        """mmseg's: the logits resized to the input size
+        (:func:`~poolformer_seg.models.resize.resize_scores`). Under
+        autocast they are resized into its dtype and returned in it, as
+        mmseg's head returns them (its classifier computes in that dtype):
+        half the memory of fp32, ``num_classes`` values per pixel. Their
+        arg-max agrees with fp32 as often as mmseg's own
+        (``tools/benchmark.py``'s agreement)."""
+        dtype = autocast_dtype(seg_logits.device.type)
+        return resize_scores(seg_logits, input_size(batch_img_metas[0]),
+                             self.align_corners, dtype)
 
     def loss_by_feat(self, seg_logits, batch_data_samples) -> dict:
         if not BLOCKWISE_LOSS:

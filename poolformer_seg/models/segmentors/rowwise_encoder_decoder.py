@@ -32,10 +32,10 @@ from mmseg.models.necks import FPN
 from mmseg.models.segmentors import EncoderDecoder, SegTTAModel
 from mmseg.registry import MODELS
 
-from ...compat import autocast_dtype
 from ..backbones.base import IMPLS
 from ..decode_heads import FastDecodeHead, FastFPNHead
 from ..necks import FastFPN
+from ..resize import input_size
 from ..utils import autocast_off
 
 __all__ = ['RowwiseEncoderDecoder', 'FullLogitsSegTTAModel', 'resized_argmax',
@@ -463,21 +463,12 @@ class RowwiseEncoderDecoder(EncoderDecoder):
 
     def encode_decode(self, inputs, batch_img_metas):
         """``EncoderDecoder.encode_decode``: logits at the input size, the
-        tensor part compiled where :meth:`compiles`.
-
-        Under autocast they are resized in its dtype and returned in it, as
-        mmseg's are (its classifier computes in that dtype). Our fast heads'
-        classifier computes in fp32 (:meth:`~poolformer_seg.models.
-        decode_heads.FastDecodeHead.cls_seg`), which :meth:`predict`'s
-        labels and the loss keep; this input-size tensor, ``num_classes``
-        values per pixel, takes half the memory in bf16 or fp16, and less
-        time. Its arg-max agrees with fp32 as often as mmseg's own
-        (``tools/benchmark.py``'s agreement)."""
-        logits = self._logits(inputs)
-        dtype = autocast_dtype(logits.device.type)
-        if dtype is not None:
-            logits = logits.to(dtype)
-        return self.decode_head.predict_by_feat(logits, batch_img_metas)
+        tensor part compiled where :meth:`compiles`. Under autocast they
+        are in its dtype, as mmseg's: our fast heads' ``predict_by_feat``
+        resizes their fp32 logits into it (:meth:`~poolformer_seg.models.
+        decode_heads.FastDecodeHead.predict_by_feat`)."""
+        return self.decode_head.predict_by_feat(self._logits(inputs),
+                                                batch_img_metas)
 
     def _forward(self, inputs, data_samples=None):
         """``mode='tensor'``: the logits at the head's resolution."""
@@ -490,11 +481,8 @@ class RowwiseEncoderDecoder(EncoderDecoder):
         pass), without the input-size scores."""
         if not self._labels_from_head_logits(data_samples):
             return super().predict(inputs, data_samples)
-        meta = data_samples[0].metainfo  # predict_by_feat's size: the first
-        if isinstance(meta['img_shape'], torch.Size):
-            resize_to = meta['img_shape']
-        else:
-            resize_to = meta.get('pad_shape', meta['img_shape'])[:2]
+        # predict_by_feat's size: the first image's
+        resize_to = input_size(data_samples[0].metainfo)
         head_logits = self._logits(inputs)
         for logits, sample in zip(head_logits, data_samples):
             crop, flip = _crop_and_flip(sample.metainfo)
@@ -502,10 +490,10 @@ class RowwiseEncoderDecoder(EncoderDecoder):
             labels = twice_resized_argmax(logits, resize_to, crop, flip, size,
                                           self.align_corners)
             if labels is None:  # wider than the bound: mmseg's two steps
-                return self.postprocess_result(
-                    self.decode_head.predict_by_feat(
-                        head_logits, [s.metainfo for s in data_samples]),
-                    data_samples)
+                with autocast_off(head_logits.device):  # fp32 scores
+                    scores = self.decode_head.predict_by_feat(
+                        head_logits, [s.metainfo for s in data_samples])
+                return self.postprocess_result(scores, data_samples)
             sample.set_data(dict(pred_sem_seg=PixelData(data=labels[None])))
         return data_samples
 
@@ -518,8 +506,9 @@ class RowwiseEncoderDecoder(EncoderDecoder):
                 and data_samples is not None
                 and (self.test_cfg or {}).get('mode', 'whole') == 'whole'
                 and head.out_channels > 1
-                and type(head).predict_by_feat is
-                BaseDecodeHead.predict_by_feat)
+                and type(head).predict_by_feat in (
+                    BaseDecodeHead.predict_by_feat,
+                    FastDecodeHead.predict_by_feat))
 
     def postprocess_result(self, seg_logits, data_samples=None):
         if self.impl == 'plain' or self.keep_seg_logits or \
