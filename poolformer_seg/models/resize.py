@@ -57,8 +57,8 @@ def resize_scores(scores: torch.Tensor, size, align_corners: bool,
     record: :func:`_separable_upsample`, an NCHW result equal to PyTorch's
     to a rounding (float64: 1e-15). It computes in at least fp32, so a
     reduced-precision ``dtype`` rounds once, at the end (mmseg's route
-    under autocast rounds the logits, then the resize). Otherwise ``F.interpolate`` of ``scores.to(dtype)``, through mmseg's
-    ``resize``.
+    under autocast rounds the logits, then the resize). Otherwise
+    ``F.interpolate`` of ``scores.to(dtype)``, through mmseg's ``resize``.
     """
     dtype = dtype or scores.dtype
     factors = _whole_factors(scores.shape[2:], size)
