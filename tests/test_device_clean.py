@@ -112,18 +112,29 @@ def test_fast_and_plain_give_the_same_float64_logits(name):
     assert (got - want).abs().max() <= 1e-10 * scale
 
 
-def test_fast_equals_plain_in_float64_where_winograd_runs(monkeypatch,
-                                                         winograd_on):
-    """At 258 x 290 the stride-4 maps are 65 x 73, above Winograd's
-    threshold: the fast S12 segmentor (Winograd in neck and head, fused
-    blocks, eval BN folded; in training, Winograd's backward and the
-    blockwise loss) gives the plain segmentor's logits, loss and every
-    gradient in float64."""
+@pytest.mark.parametrize('before_compositions', [True, False])
+def test_fast_equals_plain_in_float64_where_winograd_runs(
+        monkeypatch, winograd_on, before_compositions):
+    """At 258 x 290 the stride-4 maps are 65 x 73 and the stride-8 ones
+    33 x 37, above Winograd's threshold (lowered to 32 x 32 here): the fast
+    S12 segmentor (Winograd in neck and head, fused blocks, eval BN folded;
+    in training, Winograd's backward and the blockwise loss) gives the
+    plain segmentor's logits, loss and every gradient in float64, with
+    Winograd before the finest level's compositions (as with AVX2) or
+    after them, running their transposed convolution's phases (AVX-512).
+    """
     from poolformer_seg.models import winograd
-    calls = []
-    real = winograd.winograd_conv3x3
+    from poolformer_seg.models.necks import fast_fpn
+    monkeypatch.setattr(winograd, 'MIN_PIXELS', 32 * 32)
+    monkeypatch.setattr(winograd, 'BEFORE_COMPOSITIONS', before_compositions)
+    calls, phases = [], []
+    real, real_phases = winograd.winograd_conv3x3, fast_fpn._add_phases
     monkeypatch.setattr(winograd, 'winograd_conv3x3',
                         lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(fast_fpn, 'winograd_conv3x3',
+                        winograd.winograd_conv3x3)
+    monkeypatch.setattr(fast_fpn, '_add_phases',
+                        lambda *args: phases.append(1) or real_phases(*args))
     size = (258, 290)
     plain = build('fpn_poolformer_s12_ade20k', 'plain')
     fast = build('fpn_poolformer_s12_ade20k')
@@ -137,6 +148,7 @@ def test_fast_equals_plain_in_float64_where_winograd_runs(monkeypatch,
         want = plain.eval()(x, mode='tensor')
         got = fast.eval()(x, mode='tensor')
     assert calls  # Winograd ran
+    assert bool(phases) is not before_compositions
     assert (got - want).abs().max() <= 1e-10 * want.abs().max()
 
     sample = SegDataSample(metainfo=dict(img_shape=size, pad_shape=size))

@@ -38,7 +38,8 @@ from mmcv.cnn import ConvModule
 
 from ..compat import autocast_dtype
 
-__all__ = ['winograd_conv3x3', 'winograd_applies', 'conv_module_forward']
+__all__ = ['winograd_conv3x3', 'winograd_applies', 'winograd_runs_on',
+           'winograd_preferred', 'conv_module_forward']
 
 # The transform matrices for the interpolation points 0, 1, -1, 2, -2 and
 # infinity (the standard choice).
@@ -65,29 +66,57 @@ MIN_PIXELS = 64 * 64
 with AVX2: 1.6-1.8x faster than oneDNN at 64x64 and 128x128 maps with
 128-256 channels, on par at 37x37)."""
 
-FASTER_ON = ('AVX2',)
+FASTER_ON = ('AVX2', 'AVX512')
 """The CPU capabilities (``torch.backends.cpu.get_cpu_capability()``) on
-which Winograd beats oneDNN. Measured on 2 cores, fp32, 3x3 convolutions
-of 128-256 channels at 64x64-128x128: with AVX2, oneDNN's direct
-convolution is 1.6-1.8x slower than Winograd (S12 training step 1.68x
-faster with it); with AVX-512, oneDNN's runs near the FMA peak (about
-220 GFLOP/s) and Winograd, bound by the memory traffic of its transforms,
-is 0.5-0.95x its speed. Other instruction sets are unmeasured and keep
-oneDNN."""
+which Winograd beats oneDNN's direct convolution. Measured on 2 cores,
+fp32, forward and backward: with AVX2, 1.6-1.8x at 3x3 convolutions of
+128-256 channels at 64x64-128x128; with AVX-512 (AMD EPYC), 1.3-2.1x at
+64x64 and 128x128 (256 -> 256 at 128x128, batch 2: 308 against 618 ms),
+level at 32x32. Other instruction sets are unmeasured and keep oneDNN."""
+
+BEFORE_COMPOSITIONS_ON = ('AVX2',)
+"""The capabilities on which Winograd is also preferred to FastFPN's
+compositions of the finest level (:func:`winograd_preferred`), which then
+run as the plain convolutions they replace, by Winograd. With AVX-512 the
+compositions, whose 3x3 phases run by Winograd in turn, are faster: S12's
+finest FPN output and first head convolution, forward and backward at
+batch 2, about 345 against 510 ms."""
 
 ON_THIS_CPU = torch.backends.cpu.get_cpu_capability() in FASTER_ON
 """Whether this process's CPU is one of :data:`FASTER_ON`."""
+
+BEFORE_COMPOSITIONS = \
+    torch.backends.cpu.get_cpu_capability() in BEFORE_COMPOSITIONS_ON
+"""Whether this process's CPU is one of :data:`BEFORE_COMPOSITIONS_ON`."""
 
 
 def _matrix(rows, like):
     return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
+def _kron_g(like):
+    """``G (x) G``, ``36 x 9``: row ``6p + q``, column ``3a + b`` holds
+    ``G[p, a] G[q, b]``, so that ``G g G^T`` of a 3x3 ``g`` flattened is
+    this matrix times ``g`` flattened."""
+    g = _matrix(_G, like)
+    return torch.kron(g, g)
+
+
 def _transform_weight(weight):
-    """``K x C x 3 x 3`` -> ``36 x C x K``: ``G g G^T`` per channel pair."""
-    g = _matrix(_G, weight)
-    u = torch.einsum('pa,kcab,qb->pqck', g, weight, g)
-    return u.reshape(36, weight.shape[1], weight.shape[0])
+    """``K x C x 3 x 3`` -> ``36 x C x K``: ``G g G^T`` per channel pair,
+    as one matrix product over all pairs (the taps' axis first, so the
+    product writes the result's layout)."""
+    k, c = weight.shape[:2]
+    taps = weight.permute(2, 3, 1, 0).reshape(9, c * k)
+    return (_kron_g(weight) @ taps).view(36, c, k)
+
+
+def _transform_weight_grad(grad_u):
+    """The adjoint of :func:`_transform_weight`: ``36 x C x K`` ->
+    ``K x C x 3 x 3``, ``G^T dU G`` per channel pair."""
+    _, c, k = grad_u.shape
+    taps = _kron_g(grad_u).t() @ grad_u.view(36, c * k)
+    return taps.view(3, 3, c, k).permute(3, 2, 0, 1)
 
 
 def _tile_counts(x):
@@ -215,9 +244,7 @@ class _Conv3x3(torch.autograd.Function):
             for band in _bands(x, max(x.shape[1], weight.shape[0])):
                 grad_u.baddbmm_(_transform_input(x, band).transpose(1, 2),
                                 _transform_output_grad(grad, x, band))
-            g = _matrix(_G, weight)
-            grad_w = torch.einsum('pa,pqck,qb->kcab', g,
-                                  grad_u.view(6, 6, *grad_u.shape[1:]), g)
+            grad_w = _transform_weight_grad(grad_u)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b
@@ -237,19 +264,35 @@ def winograd_conv3x3(x, weight, bias=None):
     return _forward(x, weight, bias)
 
 
+def winograd_runs_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a 3x3 'same' convolution of ``x`` with ``weight`` runs by
+    Winograd: on a CPU of :data:`FASTER_ON`, in fp32/fp64 without
+    autocast, on a channels_last map of at least :data:`MIN_PIXELS`
+    pixels."""
+    return (x.device.type == 'cpu' and ON_THIS_CPU
+            and x.dtype in (torch.float32, torch.float64)
+            and weight.dtype == x.dtype
+            and autocast_dtype('cpu') is None
+            and x.dim() == 4 and x.shape[2] * x.shape[3] >= MIN_PIXELS
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def winograd_applies(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`conv_module_forward` runs ``conv`` on ``x`` by
-    Winograd (see the module docstring for the conditions)."""
+    Winograd: a plain 3x3 'same' ``nn.Conv2d`` where
+    :func:`winograd_runs_on`."""
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3)
             and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == 'zeros'
-            and x.device.type == 'cpu' and ON_THIS_CPU
-            and x.dtype in (torch.float32, torch.float64)
-            and conv.weight.dtype == x.dtype
-            and autocast_dtype('cpu') is None
-            and x.dim() == 4 and x.shape[2] * x.shape[3] >= MIN_PIXELS
-            and x.is_contiguous(memory_format=torch.channels_last))
+            and winograd_runs_on(x, conv.weight))
+
+
+def winograd_preferred(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``conv`` runs on ``x`` by Winograd rather than composed
+    with its neighbours (FastFPN's finest level): where
+    :func:`winograd_applies` and :data:`BEFORE_COMPOSITIONS`."""
+    return BEFORE_COMPOSITIONS and winograd_applies(conv, x)
 
 
 def _foldable(norm) -> bool:

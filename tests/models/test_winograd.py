@@ -108,6 +108,37 @@ def test_applies_only_on_the_cpus_where_it_was_measured_faster(monkeypatch):
 def test_on_this_cpu_follows_the_capability():
     capability = torch.backends.cpu.get_cpu_capability()
     assert winograd.ON_THIS_CPU == (capability in winograd.FASTER_ON)
+    assert winograd.BEFORE_COMPOSITIONS == (
+        capability in winograd.BEFORE_COMPOSITIONS_ON)
+    assert set(winograd.BEFORE_COMPOSITIONS_ON) <= set(winograd.FASTER_ON)
+
+
+@pytest.mark.parametrize('before', [False, True])
+def test_preferred_to_compositions_only_where_measured_so(monkeypatch,
+                                                         winograd_on, before):
+    monkeypatch.setattr(winograd, 'BEFORE_COMPOSITIONS', before)
+    with torch.no_grad():
+        assert winograd.winograd_preferred(_conv(), _map()) is before
+        # never where it does not apply at all
+        assert not winograd.winograd_preferred(_conv(), _map(64))
+
+
+def test_weight_transform_and_its_adjoint():
+    """``U = G g G^T`` per channel pair, and ``G^T dU G`` its adjoint:
+    ``<U(g), dU> = <g, U^T(dU)>``."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64)
+    g = torch.tensor(winograd._G, dtype=torch.float64)
+    u = winograd._transform_weight(weight)
+    for k, c in ((0, 0), (4, 3), (2, 1)):
+        want = g @ weight[k, c] @ g.t()
+        torch.testing.assert_close(u[:, c, k].view(6, 6), want, rtol=0,
+                                   atol=1e-14)
+    grad_u = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    grad_w = winograd._transform_weight_grad(grad_u)
+    assert grad_w.shape == weight.shape
+    torch.testing.assert_close((u * grad_u).sum(), (weight * grad_w).sum(),
+                               rtol=1e-12, atol=0)
 
 
 @pytest.fixture

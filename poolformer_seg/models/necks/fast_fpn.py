@@ -12,7 +12,8 @@ from mmseg.registry import MODELS
 
 from ..utils import autocast_off, derived_weights
 from ..winograd import (conv_and_weights, conv_module_forward,
-                        finish_conv_module, winograd_applies)
+                        finish_conv_module, winograd_conv3x3,
+                        winograd_preferred, winograd_runs_on)
 
 COMPOSE_FINEST = True
 """Whether :class:`FastFPN` computes its finest output by
@@ -62,6 +63,49 @@ def upsampled_conv_kernel(weight):
     3x3), and no upsampled copy."""
     taps = _phase_taps(_phase_taps(weight).transpose(2, 3)).transpose(2, 3)
     return taps.transpose(0, 1)
+
+
+def phase_kernel(kernel):
+    """``4K x Cin x 3 x 3`` weight of the 3x3 convolution (padding 1) whose
+    output channels ``(2r + s) K + k`` are the output phase ``(r, s)`` (rows
+    ``2i + r``, columns ``2j + s``) of ``conv_transpose2d(x, kernel,
+    stride=2, padding=2)`` for a ``Cin x K x 6 x 6`` ``kernel``.
+
+    That output's row ``2i + r`` reads input rows ``i - 1, i, i + 1``
+    through the kernel's rows ``r + 4, r + 2, r``; the same along
+    columns."""
+    taps = [kernel[:, :, r::2].flip(2)[:, :, :, s::2].flip(3)
+            for r in (0, 1) for s in (0, 1)]
+    return torch.cat(taps, 1).transpose(0, 1)
+
+
+def _add_phases(out, phases):
+    """``out`` plus the 2x2 interleaving of ``phases`` (``B x 4K x h x w``
+    as :func:`phase_kernel` orders its channels) for ``B x K x 2h x 2w``
+    channels_last ``out``; in place without autograd."""
+    b, k, height, width = out.shape
+    fine = out.permute(0, 2, 3, 1).view(b, height // 2, 2, width // 2, 2,
+                                        k)
+    coarse = phases.permute(0, 2, 3, 1).view(
+        b, height // 2, width // 2, 2, 2, k).permute(0, 1, 3, 2, 4, 5)
+    if torch.is_grad_enabled():
+        return (fine + coarse).view(b, height, width, k).permute(0, 3, 1, 2)
+    fine.add_(coarse)
+    return out
+
+
+def _add_transposed_(out, coarse, kernel):
+    """``out + conv_transpose2d(coarse, kernel, stride=2, padding=2)`` for
+    a ``Cin x K x 6 x 6`` ``kernel``: by Winograd as the 3x3 convolution of
+    its four output phases (:func:`phase_kernel`) where that runs
+    (:func:`~poolformer_seg.models.winograd.winograd_runs_on`); in place
+    without autograd."""
+    phases = phase_kernel(kernel)
+    if winograd_runs_on(coarse, phases) and \
+            out.is_contiguous(memory_format=torch.channels_last):
+        return _add_phases(out, winograd_conv3x3(coarse, phases))
+    return _sum(out, F.conv_transpose2d(coarse, kernel, stride=2,
+                                        padding=2))
 
 
 def composed_kernel(outer, inner):
@@ -217,7 +261,7 @@ class FinestLevel:
         conv, feature = parts[0], self.feature
         cin, width = feature.shape[1], self.fpn_conv.out_channels
         return (25 * cin * conv.out_channels < (9 * cin + 4 * width) * width
-                and not winograd_applies(conv, feature))
+                and not winograd_preferred(conv, feature))
 
 
 def _fine_sum_edge(level: FinestLevel, dim: int, index: int):
@@ -298,9 +342,9 @@ def composed_conv_of_finest(level: FinestLevel, kernels):
     """
     on_feature, on_coarse, inner_bias, weight = kernels
     out = F.conv2d(level.feature, on_feature, inner_bias, padding=2)
-    out = _sum(out, F.conv_transpose2d(
-        _biased_coarse(level.lateral_conv, level.coarse_lateral), on_coarse,
-        stride=2, padding=2))
+    out = _add_transposed_(out, _biased_coarse(level.lateral_conv,
+                                               level.coarse_lateral),
+                           on_coarse)
     return _subtract_outside_(out, level, weight)
 
 
@@ -395,7 +439,7 @@ class FastFPN(FPN):
                 and 8 * lateral.in_channels < 5 * output.in_channels
                 and fine.dim() == coarse.dim() == 4
                 and fine.shape[2:] == tuple(2 * s for s in coarse.shape[2:])
-                and not winograd_applies(output, fine))
+                and not winograd_preferred(output, fine))
 
     def _top_down(self, fine, coarse, inputs):
         """``fine`` plus ``coarse`` upsampled to its size, as ``FPN``."""

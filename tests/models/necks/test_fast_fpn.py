@@ -258,7 +258,7 @@ def test_finest_output_is_fpn_s_where_composing_does_not_apply(
         overrides['upsample_cfg'] = dict(mode='bilinear')
         sizes = EXACT
     elif case == 'winograd':  # where Winograd is chosen, it stays
-        monkeypatch.setattr(fast_fpn, 'winograd_applies', lambda *a: True)
+        monkeypatch.setattr(fast_fpn, 'winograd_preferred', lambda *a: True)
     else:
         monkeypatch.setattr(fast_fpn, 'COMPOSE_FINEST', False)
     plain, fast = make_pair(**overrides)
@@ -275,9 +275,10 @@ def test_finest_output_is_fpn_s_where_composing_does_not_apply(
 
 
 def finest_level(sizes=(8, 6), channels=(3, 16), dtype=torch.float64,
-                 requires_grad=False, seed=0):
+                 requires_grad=False, seed=0, channels_last=False):
     """A ``FinestLevel`` over random 1x1 lateral and 3x3 output
     convolutions and random features of ``sizes`` (the finest)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(seed)
     cin, width = channels
     lateral, output = nn.Conv2d(cin, width, 1), nn.Conv2d(width, width, 3,
@@ -289,9 +290,11 @@ def finest_level(sizes=(8, 6), channels=(3, 16), dtype=torch.float64,
                 p.copy_(torch.randn(p.shape, generator=gen))
     height, width_px = sizes
     feature = torch.randn(2, cin, height, width_px, generator=gen,
-                          dtype=dtype).requires_grad_(requires_grad)
+                          dtype=dtype).contiguous(memory_format=fmt)
     coarse = torch.randn(2, width, height // 2, width_px // 2, generator=gen,
-                         dtype=dtype).requires_grad_(requires_grad)
+                         dtype=dtype).contiguous(memory_format=fmt)
+    feature.requires_grad_(requires_grad)
+    coarse.requires_grad_(requires_grad)
     return fast_fpn.FinestLevel(output, lateral, feature, coarse)
 
 
@@ -316,17 +319,63 @@ def count_head_compositions(monkeypatch):
     return count_calls(monkeypatch, 'composed_conv_of_finest')
 
 
+def winograd_phases_everywhere(monkeypatch):
+    """Winograd runs on maps of any size, after the compositions (as with
+    AVX-512); returns the list that counts the phase additions."""
+    from poolformer_seg.models import winograd
+    monkeypatch.setattr(winograd, 'ON_THIS_CPU', True)
+    monkeypatch.setattr(winograd, 'BEFORE_COMPOSITIONS', False)
+    monkeypatch.setattr(winograd, 'MIN_PIXELS', 1)
+    return count_calls(monkeypatch, '_add_phases')
+
+
+@pytest.mark.parametrize('size', [(1, 1), (2, 3), (5, 7)])
+@pytest.mark.parametrize('grad', [False, True])
+@pytest.mark.parametrize('by_winograd', [False, True])
+def test_phases_give_the_transposed_convolution(monkeypatch, size, grad,
+                                                by_winograd):
+    """``_add_transposed_`` adds the 6x6 transposed convolution (stride 2,
+    padding 2) to its output: through PyTorch's kernel, or as four
+    interleaved phases of one 3x3 convolution by Winograd (in place
+    without autograd, a new tensor with it)."""
+    phases = winograd_phases_everywhere(monkeypatch) if by_winograd else []
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, *size, generator=gen, dtype=torch.float64)
+    kernel = torch.randn(5, 3, 6, 6, generator=gen, dtype=torch.float64)
+    out = torch.randn(2, 3, 2 * size[0], 2 * size[1], generator=gen,
+                      dtype=torch.float64)
+    x, out = (t.contiguous(memory_format=torch.channels_last)
+              for t in (x, out))
+    expected = out + F.conv_transpose2d(x, kernel, stride=2, padding=2)
+    x.requires_grad_(grad)
+    address = out.data_ptr()
+    with torch.set_grad_enabled(grad):
+        got = fast_fpn._add_transposed_(out, x, kernel)
+    assert len(phases) == by_winograd
+    assert (got.data_ptr() == address) is (not grad)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    if grad:
+        weights = torch.linspace(-1, 1, got.numel(), dtype=got.dtype)
+        (got * weights.view_as(got)).sum().backward()
+        want = F.conv2d(weights.view_as(got), kernel, stride=2, padding=2)
+        torch.testing.assert_close(x.grad, want, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize('training', [False, True])
 @pytest.mark.parametrize('sizes', [(2, 2), (2, 6), (8, 6), (10, 14)])
+@pytest.mark.parametrize('by_winograd', [False, True])
 def test_finest_level_through_a_head_conv_equals_both_steps_in_float64(
-        monkeypatch, sizes, training):
+        monkeypatch, sizes, training, by_winograd):
     """The composed convolution, with its four edges corrected, equals FPN's
     finest output followed by the ConvModule (eval BN folded, or training
-    BN after it): outputs and every gradient, in float64."""
+    BN after it): outputs and every gradient, in float64; with its
+    transposed convolution's phases by Winograd too."""
+    phases = winograd_phases_everywhere(monkeypatch) if by_winograd else []
     calls = count_head_compositions(monkeypatch)
     results = []
     for composed in (True, False):
-        level = finest_level(sizes, requires_grad=True)
+        level = finest_level(sizes, requires_grad=True,
+                             channels_last=by_winograd)
         module = head_conv().train(training)
         out = level.through(module) if composed else two_steps(level,
                                                                module)
@@ -337,7 +386,7 @@ def test_finest_level_through_a_head_conv_equals_both_steps_in_float64(
                   *level.lateral_conv.parameters()]
         results.append((out, [p.grad for p in params]))
     (ours, our_grads), (ref, ref_grads) = results
-    assert calls == [1]
+    assert calls == [1] and len(phases) == by_winograd
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
     for a, b in zip(our_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
@@ -377,7 +426,7 @@ def test_finest_level_is_computed_first_where_composing_does_not_apply(
     elif case == 'more multiply-adds':  # 25 * 3 * 20 >= (27 + 64) * 16
         kwargs = dict(out_channels=20)
     else:
-        monkeypatch.setattr(fast_fpn, 'winograd_applies', lambda *a: True)
+        monkeypatch.setattr(fast_fpn, 'winograd_preferred', lambda *a: True)
     calls = count_head_compositions(monkeypatch)
     level = finest_level()
     module = head_conv(**kwargs).eval()
