@@ -38,8 +38,8 @@ from mmcv.cnn import ConvModule
 
 from ..compat import autocast_dtype
 
-__all__ = ['winograd_conv3x3', 'winograd_applies', 'winograd_runs_on',
-           'winograd_preferred', 'conv_module_forward']
+__all__ = ['winograd_conv3x3', 'winograd_weight', 'winograd_applies',
+           'winograd_runs_on', 'winograd_preferred', 'conv_module_forward']
 
 # The transform matrices for the interpolation points 0, 1, -1, 2, -2 and
 # infinity (the standard choice).
@@ -104,19 +104,22 @@ def _kron_g(like):
 
 def _transform_weight(weight):
     """``K x C x 3 x 3`` -> ``36 x C x K``: ``G g G^T`` per channel pair,
-    as one matrix product over all pairs (the taps' axis first, so the
-    product writes the result's layout)."""
+    as one matrix product over all pairs. The result is the transpose of a
+    contiguous ``36 x K x C`` tensor: the product reads the weight's
+    memory as it lies, and the batched products that use it take either
+    layout."""
     k, c = weight.shape[:2]
-    taps = weight.permute(2, 3, 1, 0).reshape(9, c * k)
-    return (_kron_g(weight) @ taps).view(36, c, k)
+    taps = weight.reshape(k * c, 9).t()
+    return (_kron_g(weight) @ taps).view(36, k, c).transpose(1, 2)
 
 
 def _transform_weight_grad(grad_u):
-    """The adjoint of :func:`_transform_weight`: ``36 x C x K`` ->
-    ``K x C x 3 x 3``, ``G^T dU G`` per channel pair."""
-    _, c, k = grad_u.shape
-    taps = _kron_g(grad_u).t() @ grad_u.view(36, c * k)
-    return taps.view(3, 3, c, k).permute(3, 2, 0, 1)
+    """The adjoint of :func:`_transform_weight` for a ``36 x K x C``
+    gradient (the transpose of its result's layout): ``K x C x 3 x 3``,
+    ``G^T dU G`` per channel pair."""
+    _, k, c = grad_u.shape
+    taps = grad_u.reshape(36, k * c).t() @ _kron_g(grad_u)
+    return taps.view(k, c, 3, 3)
 
 
 def _tile_counts(x):
@@ -197,10 +200,11 @@ def _transform_output_grad(grad, like, band):
     return m.view(36, -1, grad.shape[1])
 
 
-def _forward(x, weight, bias):
+def _forward(x, weight, bias, transformed=None):
     """The convolution, band by band, into a ``B x K x H x W``
-    channels_last tensor."""
-    u = _transform_weight(weight)
+    channels_last tensor; ``transformed`` the weight's
+    :func:`_transform_weight` where the caller has it."""
+    u = _transform_weight(weight) if transformed is None else transformed
     batch, channels, height, width = x.shape
     out = torch.empty(batch, u.shape[2], height, width, dtype=x.dtype,
                       device=x.device, memory_format=torch.channels_last)
@@ -240,20 +244,25 @@ class _Conv3x3(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _forward(grad, weight.flip(2, 3).transpose(0, 1), None)
         if ctx.needs_input_grad[1]:
-            grad_u = x.new_zeros(36, x.shape[1], weight.shape[0])
+            grad_u = x.new_zeros(36, weight.shape[0], x.shape[1])
             for band in _bands(x, max(x.shape[1], weight.shape[0])):
-                grad_u.baddbmm_(_transform_input(x, band).transpose(1, 2),
-                                _transform_output_grad(grad, x, band))
+                grad_u.baddbmm_(
+                    _transform_output_grad(grad, x, band).transpose(1, 2),
+                    _transform_input(x, band))
             grad_w = _transform_weight_grad(grad_u)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b
 
 
-def winograd_conv3x3(x, weight, bias=None):
+def winograd_conv3x3(x, weight, bias=None, transformed=None):
     """``F.conv2d(x, weight, bias, padding=1)`` for a ``B x C x H x W``
     ``x`` and a ``K x C x 3 x 3`` ``weight``; any ``H``, ``W`` >= 1;
     differentiable.
+
+    ``transformed``: the weight's :func:`winograd_weight`, for a caller that
+    keeps it between inference calls (4x the weight's size, and a pass over
+    fresh memory to make); used where no gradient is recorded.
 
     Returns a ``B x K x H x W`` tensor in channels_last memory format, in
     ``x``'s dtype and on its device.
@@ -261,7 +270,14 @@ def winograd_conv3x3(x, weight, bias=None):
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias)):
         return _Conv3x3.apply(x, weight, bias)
-    return _forward(x, weight, bias)
+    return _forward(x, weight, bias, transformed)
+
+
+def winograd_weight(weight):
+    """The transform-domain weight (``36 x C x K``) with which
+    :func:`winograd_conv3x3` convolves, for a ``K x C x 3 x 3``
+    ``weight``."""
+    return _transform_weight(weight)
 
 
 def winograd_runs_on(x: torch.Tensor, weight: torch.Tensor) -> bool:

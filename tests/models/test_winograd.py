@@ -124,7 +124,8 @@ def test_preferred_to_compositions_only_where_measured_so(monkeypatch,
 
 
 def test_weight_transform_and_its_adjoint():
-    """``U = G g G^T`` per channel pair, and ``G^T dU G`` its adjoint:
+    """``U = G g G^T`` per channel pair (``36 x C x K``), and ``G^T dU G``
+    its adjoint, for ``dU`` in the transposed layout (``36 x K x C``):
     ``<U(g), dU> = <g, U^T(dU)>``."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64)
@@ -134,11 +135,11 @@ def test_weight_transform_and_its_adjoint():
         want = g @ weight[k, c] @ g.t()
         torch.testing.assert_close(u[:, c, k].view(6, 6), want, rtol=0,
                                    atol=1e-14)
-    grad_u = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    grad_u = torch.randn(36, 5, 4, generator=gen, dtype=torch.float64)
     grad_w = winograd._transform_weight_grad(grad_u)
     assert grad_w.shape == weight.shape
-    torch.testing.assert_close((u * grad_u).sum(), (weight * grad_w).sum(),
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close((u * grad_u.transpose(1, 2)).sum(),
+                               (weight * grad_w).sum(), rtol=1e-12, atol=0)
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from mmseg.registry import MODELS
 from ..utils import autocast_off, derived_weights
 from ..winograd import (conv_and_weights, conv_module_forward,
                         finish_conv_module, winograd_conv3x3,
-                        winograd_preferred, winograd_runs_on)
+                        winograd_preferred, winograd_runs_on,
+                        winograd_weight)
 
 COMPOSE_FINEST = True
 """Whether :class:`FastFPN` computes its finest output by
@@ -79,33 +80,72 @@ def phase_kernel(kernel):
     return torch.cat(taps, 1).transpose(0, 1)
 
 
-def _add_phases(out, phases):
-    """``out`` plus the 2x2 interleaving of ``phases`` (``B x 4K x h x w``
-    as :func:`phase_kernel` orders its channels) for ``B x K x 2h x 2w``
-    channels_last ``out``; in place without autograd."""
-    b, k, height, width = out.shape
-    fine = out.permute(0, 2, 3, 1).view(b, height // 2, 2, width // 2, 2,
-                                        k)
-    coarse = phases.permute(0, 2, 3, 1).view(
-        b, height // 2, width // 2, 2, 2, k).permute(0, 1, 3, 2, 4, 5)
-    if torch.is_grad_enabled():
-        return (fine + coarse).view(b, height, width, k).permute(0, 3, 1, 2)
-    fine.add_(coarse)
-    return out
+def unshuffled_kernel(kernel):
+    """``4K x 4Cin x 3 x 3`` weight of the 3x3 convolution (padding 1) of
+    ``pixel_unshuffle(x, 2)`` whose output channels ``(2r + s) K + k`` are
+    the output phase ``(r, s)`` of ``conv2d(x, kernel, padding=2)`` for a
+    ``K x Cin x 5 x 5`` ``kernel`` (``x`` of even height and width).
+
+    Output row ``2i + r`` reads input rows ``2i + r - 2 .. 2i + r + 2``,
+    that is unshuffled row ``i + d`` (``d = -1, 0, 1``) at offset ``a``
+    (``pixel_unshuffle``'s channel ``4c + 2a + b``) through tap ``2d + a +
+    2 - r``, where that lies in ``0 .. 4``; the same along columns."""
+    k, cin = kernel.shape[:2]
+    padded = F.pad(kernel, (1, 1, 1, 1))  # tap u at u + 1
+    taps = []
+    for r in (0, 1):
+        for s in (0, 1):
+            phase = padded[:, :, 1 - r:7 - r, 1 - s:7 - s]  # tap 2(d+1) + a
+            phase = phase.reshape(k, cin, 3, 2, 3, 2)  # d, a, d', b
+            taps.append(phase.permute(0, 1, 3, 5, 2, 4).reshape(
+                k, 4 * cin, 3, 3))
+    return torch.cat(taps, 0)
 
 
-def _add_transposed_(out, coarse, kernel):
-    """``out + conv_transpose2d(coarse, kernel, stride=2, padding=2)`` for
-    a ``Cin x K x 6 x 6`` ``kernel``: by Winograd as the 3x3 convolution of
-    its four output phases (:func:`phase_kernel`) where that runs
-    (:func:`~poolformer_seg.models.winograd.winograd_runs_on`); in place
-    without autograd."""
-    phases = phase_kernel(kernel)
-    if winograd_runs_on(coarse, phases) and \
-            out.is_contiguous(memory_format=torch.channels_last):
-        return _add_phases(out, winograd_conv3x3(coarse, phases))
-    return _sum(out, F.conv_transpose2d(coarse, kernel, stride=2,
-                                        padding=2))
+def _interleaved(phases):
+    """``B x K x 2h x 2w`` channels_last from ``B x 4K x h x w`` output
+    phases, channels ordered as :func:`phase_kernel` orders them."""
+    b, k4, height, width = phases.shape
+    k = k4 // 4
+    rows = phases.permute(0, 2, 3, 1).view(b, height, width, 2, 2, k)
+    return rows.permute(0, 1, 3, 2, 4, 5).reshape(
+        b, 2 * height, 2 * width, k).permute(0, 3, 1, 2)
+
+
+def _phases_by_winograd(level: 'FinestLevel', weight) -> bool:
+    """Whether :func:`composed_conv_of_finest` runs by Winograd (see
+    :func:`_composed_by_winograd`): where it runs on the coarse map
+    (:func:`~poolformer_seg.models.winograd.winograd_runs_on`), which is
+    exactly half the finest."""
+    coarse = level.coarse_lateral
+    return winograd_runs_on(coarse, weight) and level.feature.shape[2:] == \
+        tuple(2 * n for n in coarse.shape[2:])
+
+
+def _winograd_phases(on_feature, on_coarse):
+    """``(weight, transformed)`` of :func:`_composed_by_winograd`'s 3x3
+    convolution, ``transformed`` (its
+    :func:`~poolformer_seg.models.winograd.winograd_weight`) only where no
+    gradient is recorded, else None."""
+    weight = torch.cat([unshuffled_kernel(on_feature),
+                        phase_kernel(on_coarse)], 1)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return weight, None
+    return weight, winograd_weight(weight)
+
+
+def _composed_by_winograd(feature, coarse, phases, inner_bias):
+    """The first two terms of :func:`composed_conv_of_finest`, the 5x5
+    convolution of ``feature`` and the transposed one of ``coarse``, as
+    the four output phases of one 3x3 convolution at ``coarse``'s size, of
+    ``feature``'s unshuffled 2x2 blocks next to ``coarse``'s channels
+    (``phases``: :func:`_winograd_phases`), by Winograd."""
+    weight, transformed = phases
+    blocks = F.pixel_unshuffle(feature, 2).contiguous(
+        memory_format=torch.channels_last)
+    bias = None if inner_bias is None else inner_bias.repeat(4)
+    return _interleaved(winograd_conv3x3(torch.cat([blocks, coarse], 1),
+                                         weight, bias, transformed))
 
 
 def composed_kernel(outer, inner):
@@ -237,10 +277,11 @@ class FinestLevel:
         sources = [*self.fpn_conv.parameters(),
                    *self.lateral_conv.parameters(), *module.parameters(),
                    *module.buffers()]
+        phases = _phases_by_winograd(self, weight)
         kernels = derived_weights(
             module, 'composed_with_finest', sources,
-            lambda: composed_kernels(self, weight, bias),
-            _memory_format(self.feature))
+            lambda: composed_kernels(self, weight, bias, phases),
+            _memory_format(self.feature), phases)
         out = composed_conv_of_finest(self, kernels)
         return finish_conv_module(module, out, norm)
 
@@ -300,11 +341,12 @@ def _subtract_outside_(out, level: FinestLevel, weight):
     return out
 
 
-def composed_kernels(level: FinestLevel, weight, bias):
+def composed_kernels(level: FinestLevel, weight, bias, phases=False):
     """What :func:`composed_conv_of_finest` convolves with, for a ``K x C x
     3 x 3`` ``weight`` and its ``bias`` (or None) applied to the finest
-    output: ``(on_feature, on_coarse, inner_bias, weight)``, in the weights'
-    dtype and the feature's memory format."""
+    output: ``(on_feature, on_coarse, inner_bias, weight, phases)``, in the
+    weights' dtype and the feature's memory format; with ``phases``, the
+    last is :func:`_winograd_phases` of the first two, else None."""
     fpn_conv, lateral_conv = level.fpn_conv, level.lateral_conv
     fmt = _memory_format(level.feature)
     with autocast_off(level.feature.device):
@@ -316,8 +358,11 @@ def composed_kernels(level: FinestLevel, weight, bias):
         if fpn_conv.bias is not None:
             through = weight.sum((2, 3)) @ fpn_conv.bias
             inner_bias = through if bias is None else bias + through
-    return (on_feature.contiguous(memory_format=fmt),
-            on_coarse.contiguous(memory_format=fmt), inner_bias, weight)
+        on_feature = on_feature.contiguous(memory_format=fmt)
+        on_coarse = on_coarse.contiguous(memory_format=fmt)
+        by_winograd = _winograd_phases(on_feature, on_coarse) \
+            if phases else None
+    return on_feature, on_coarse, inner_bias, weight, by_winograd
 
 
 def composed_conv_of_finest(level: FinestLevel, kernels):
@@ -339,12 +384,20 @@ def composed_conv_of_finest(level: FinestLevel, kernels):
 
     ``(25 Cin + 9 C) K`` multiply-adds per pixel instead of ``(9 Cin + 4 C)
     C + 9 C K``. Exact in arithmetic (float64: equal to 1e-10, tests).
+
+    Where Winograd runs on the coarse map (``kernels`` has its phases), the
+    5x5 and the transposed convolution are one 3x3 convolution at the
+    coarse size, by Winograd (:func:`_composed_by_winograd`).
     """
-    on_feature, on_coarse, inner_bias, weight = kernels
-    out = F.conv2d(level.feature, on_feature, inner_bias, padding=2)
-    out = _add_transposed_(out, _biased_coarse(level.lateral_conv,
-                                               level.coarse_lateral),
-                           on_coarse)
+    on_feature, on_coarse, inner_bias, weight, phases = kernels
+    coarse = _biased_coarse(level.lateral_conv, level.coarse_lateral)
+    if phases is not None:
+        out = _composed_by_winograd(level.feature, coarse, phases,
+                                    inner_bias)
+    else:
+        out = F.conv2d(level.feature, on_feature, inner_bias, padding=2)
+        out = _sum(out, F.conv_transpose2d(coarse, on_coarse, stride=2,
+                                           padding=2))
     return _subtract_outside_(out, level, weight)
 
 

@@ -321,44 +321,40 @@ def count_head_compositions(monkeypatch):
 
 def winograd_phases_everywhere(monkeypatch):
     """Winograd runs on maps of any size, after the compositions (as with
-    AVX-512); returns the list that counts the phase additions."""
+    AVX-512); returns the list that counts its calls from FastFPN."""
     from poolformer_seg.models import winograd
     monkeypatch.setattr(winograd, 'ON_THIS_CPU', True)
     monkeypatch.setattr(winograd, 'BEFORE_COMPOSITIONS', False)
     monkeypatch.setattr(winograd, 'MIN_PIXELS', 1)
-    return count_calls(monkeypatch, '_add_phases')
+    return count_calls(monkeypatch, 'winograd_conv3x3')
 
 
 @pytest.mark.parametrize('size', [(1, 1), (2, 3), (5, 7)])
-@pytest.mark.parametrize('grad', [False, True])
-@pytest.mark.parametrize('by_winograd', [False, True])
-def test_phases_give_the_transposed_convolution(monkeypatch, size, grad,
-                                                by_winograd):
-    """``_add_transposed_`` adds the 6x6 transposed convolution (stride 2,
-    padding 2) to its output: through PyTorch's kernel, or as four
-    interleaved phases of one 3x3 convolution by Winograd (in place
-    without autograd, a new tensor with it)."""
-    phases = winograd_phases_everywhere(monkeypatch) if by_winograd else []
+def test_phases_give_the_transposed_convolution(size):
+    """The 6x6 transposed convolution (stride 2, padding 2) is the 2x2
+    interleaving of four output phases of one 3x3 convolution."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, *size, generator=gen, dtype=torch.float64)
     kernel = torch.randn(5, 3, 6, 6, generator=gen, dtype=torch.float64)
-    out = torch.randn(2, 3, 2 * size[0], 2 * size[1], generator=gen,
-                      dtype=torch.float64)
-    x, out = (t.contiguous(memory_format=torch.channels_last)
-              for t in (x, out))
-    expected = out + F.conv_transpose2d(x, kernel, stride=2, padding=2)
-    x.requires_grad_(grad)
-    address = out.data_ptr()
-    with torch.set_grad_enabled(grad):
-        got = fast_fpn._add_transposed_(out, x, kernel)
-    assert len(phases) == by_winograd
-    assert (got.data_ptr() == address) is (not grad)
+    expected = F.conv_transpose2d(x, kernel, stride=2, padding=2)
+    phases = F.conv2d(x, fast_fpn.phase_kernel(kernel), padding=1)
+    got = fast_fpn._interleaved(phases)
+    assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    if grad:
-        weights = torch.linspace(-1, 1, got.numel(), dtype=got.dtype)
-        (got * weights.view_as(got)).sum().backward()
-        want = F.conv2d(weights.view_as(got), kernel, stride=2, padding=2)
-        torch.testing.assert_close(x.grad, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('size', [(2, 2), (4, 6), (10, 14)])
+def test_unshuffled_phases_give_the_5x5_convolution(size):
+    """A 5x5 'same' convolution is the 2x2 interleaving of four output
+    phases of one 3x3 convolution of the map's unshuffled 2x2 blocks."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *size, generator=gen, dtype=torch.float64)
+    kernel = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
+    expected = F.conv2d(x, kernel, padding=2)
+    phases = F.conv2d(F.pixel_unshuffle(x, 2),
+                      fast_fpn.unshuffled_kernel(kernel), padding=1)
+    torch.testing.assert_close(fast_fpn._interleaved(phases), expected,
+                               rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize('training', [False, True])
@@ -390,6 +386,36 @@ def test_finest_level_through_a_head_conv_equals_both_steps_in_float64(
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
     for a, b in zip(our_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_winograd_phases_are_kept_between_inference_calls(monkeypatch):
+    """Without autograd, the phases' weight and its Winograd transform are
+    made once while the weights stay the same, and anew after a change."""
+    from poolformer_seg.models import winograd
+    winograd_phases_everywhere(monkeypatch)
+    made = count_calls(monkeypatch, '_winograd_phases')
+    level = finest_level((8, 6), channels_last=True)
+    module = head_conv().eval()
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(level.through(module),
+                                       two_steps(level, module), rtol=0,
+                                       atol=1e-10)
+        assert len(made) == 1
+        module.conv.weight.mul_(-2)
+        torch.testing.assert_close(level.through(module),
+                                   two_steps(level, module), rtol=0,
+                                   atol=1e-10)
+    assert len(made) == 2
+    weight, transformed = fast_fpn._winograd_phases(
+        torch.ones(4, 3, 5, 5), torch.ones(16, 4, 6, 6))
+    assert transformed.shape == (36, 3 * 4 + 16, 16)
+    torch.testing.assert_close(transformed, winograd.winograd_weight(weight))
+    with torch.enable_grad():
+        _, transformed = fast_fpn._winograd_phases(
+            torch.ones(4, 3, 5, 5, requires_grad=True),
+            torch.ones(16, 4, 6, 6))
+    assert transformed is None  # autograd transforms the weight itself
 
 
 @pytest.mark.parametrize('channels_last', [False, True])
