@@ -290,8 +290,8 @@ class FinestLevel:
         'same' convolution in a ConvModule of the usual order (or alone),
         fewer multiply-adds per pixel (``25 Cin K`` against ``(9 Cin + 4 C)
         C + 9 C K`` minus the ``9 C K`` both share, for ``K`` output
-        channels), and no Winograd for it (:func:`composed_finest_output`'s
-        conditions)."""
+        channels), and Winograd not preferred to it
+        (:func:`~poolformer_seg.models.winograd.winograd_preferred`)."""
         return self._composes(conv_and_weights(module))
 
     def _composes(self, parts) -> bool:
@@ -480,8 +480,8 @@ class FastFPN(FPN):
         output: FPN's default nearest upsampling onto a lateral exactly
         twice the size of the coarser one, a bare 1x1 lateral and a bare 3x3
         output convolution (no norm, no activation), fewer multiply-adds
-        (``8 Cin < 5 C``), and no Winograd for that convolution (the
-        instruction sets where Winograd is chosen have it cheaper still)."""
+        (``8 Cin < 5 C``), and Winograd not preferred for that convolution
+        (:func:`~poolformer_seg.models.winograd.winograd_preferred`)."""
         if not COMPOSE_FINEST or len(features) < 2 or \
                 self.upsample_cfg != dict(mode='nearest'):
             return False
