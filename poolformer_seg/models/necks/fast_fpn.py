@@ -277,12 +277,16 @@ class FinestLevel:
         sources = [*self.fpn_conv.parameters(),
                    *self.lateral_conv.parameters(), *module.parameters(),
                    *module.buffers()]
-        phases = _phases_by_winograd(self, weight)
-        kernels = derived_weights(
-            module, 'composed_with_finest', sources,
-            lambda: composed_kernels(self, weight, bias, phases),
-            _memory_format(self.feature), phases)
-        out = composed_conv_of_finest(self, kernels)
+        fmt = _memory_format(self.feature)
+        kernels = derived_weights(module, 'composed_with_finest', sources,
+                                  lambda: composed_kernels(self, weight, bias),
+                                  fmt)
+        phases = None
+        if _phases_by_winograd(self, weight):
+            phases = derived_weights(
+                module, 'winograd_phases', sources,
+                lambda: _winograd_phases(*kernels[:2]), fmt)
+        out = composed_conv_of_finest(self, kernels, phases)
         return finish_conv_module(module, out, norm)
 
     def composes_with(self, module: nn.Module) -> bool:
@@ -341,12 +345,11 @@ def _subtract_outside_(out, level: FinestLevel, weight):
     return out
 
 
-def composed_kernels(level: FinestLevel, weight, bias, phases=False):
+def composed_kernels(level: FinestLevel, weight, bias):
     """What :func:`composed_conv_of_finest` convolves with, for a ``K x C x
     3 x 3`` ``weight`` and its ``bias`` (or None) applied to the finest
-    output: ``(on_feature, on_coarse, inner_bias, weight, phases)``, in the
-    weights' dtype and the feature's memory format; with ``phases``, the
-    last is :func:`_winograd_phases` of the first two, else None."""
+    output: ``(on_feature, on_coarse, inner_bias, weight)``, in the weights'
+    dtype and the feature's memory format."""
     fpn_conv, lateral_conv = level.fpn_conv, level.lateral_conv
     fmt = _memory_format(level.feature)
     with autocast_off(level.feature.device):
@@ -358,14 +361,11 @@ def composed_kernels(level: FinestLevel, weight, bias, phases=False):
         if fpn_conv.bias is not None:
             through = weight.sum((2, 3)) @ fpn_conv.bias
             inner_bias = through if bias is None else bias + through
-        on_feature = on_feature.contiguous(memory_format=fmt)
-        on_coarse = on_coarse.contiguous(memory_format=fmt)
-        by_winograd = _winograd_phases(on_feature, on_coarse) \
-            if phases else None
-    return on_feature, on_coarse, inner_bias, weight, by_winograd
+    return (on_feature.contiguous(memory_format=fmt),
+            on_coarse.contiguous(memory_format=fmt), inner_bias, weight)
 
 
-def composed_conv_of_finest(level: FinestLevel, kernels):
+def composed_conv_of_finest(level: FinestLevel, kernels, phases=None):
     """``conv2d(level.compute(), weight, bias, padding=1)`` for a
     ``K x C x 3 x 3`` ``weight``, with the finest output never built
     (``kernels``: :func:`composed_kernels` of ``weight`` and ``bias``):
@@ -385,11 +385,12 @@ def composed_conv_of_finest(level: FinestLevel, kernels):
     ``(25 Cin + 9 C) K`` multiply-adds per pixel instead of ``(9 Cin + 4 C)
     C + 9 C K``. Exact in arithmetic (float64: equal to 1e-10, tests).
 
-    Where Winograd runs on the coarse map (``kernels`` has its phases), the
-    5x5 and the transposed convolution are one 3x3 convolution at the
-    coarse size, by Winograd (:func:`_composed_by_winograd`).
+    With ``phases`` (:func:`_winograd_phases` of the kernels, where
+    Winograd runs on the coarse map), the 5x5 and the transposed
+    convolution are one 3x3 convolution at the coarse size, by Winograd
+    (:func:`_composed_by_winograd`).
     """
-    on_feature, on_coarse, inner_bias, weight, phases = kernels
+    on_feature, on_coarse, inner_bias, weight = kernels
     coarse = _biased_coarse(level.lateral_conv, level.coarse_lateral)
     if phases is not None:
         out = _composed_by_winograd(level.feature, coarse, phases,

@@ -390,18 +390,22 @@ def test_finest_level_through_a_head_conv_equals_both_steps_in_float64(
 
 def test_winograd_phases_are_kept_between_inference_calls(monkeypatch):
     """Without autograd, the phases' weight and its Winograd transform are
-    made once while the weights stay the same, and anew after a change."""
+    made once while the weights stay the same, also across calls under
+    autocast (which do not use them), and anew after a change."""
     from poolformer_seg.models import winograd
     winograd_phases_everywhere(monkeypatch)
     made = count_calls(monkeypatch, '_winograd_phases')
+    kernels = count_calls(monkeypatch, 'composed_kernels')
     level = finest_level((8, 6), channels_last=True)
     module = head_conv().eval()
     with torch.no_grad():
-        for _ in range(2):
-            torch.testing.assert_close(level.through(module),
-                                       two_steps(level, module), rtol=0,
-                                       atol=1e-10)
-        assert len(made) == 1
+        for autocast in (False, True, False):
+            with torch.autocast('cpu', torch.bfloat16, enabled=autocast):
+                out = level.through(module)
+            if not autocast:
+                torch.testing.assert_close(out, two_steps(level, module),
+                                           rtol=0, atol=1e-10)
+        assert len(made) == 1 and len(kernels) == 1
         module.conv.weight.mul_(-2)
         torch.testing.assert_close(level.through(module),
                                    two_steps(level, module), rtol=0,
